@@ -1,0 +1,118 @@
+"""The bounded pool of block buffers.
+
+Every byte of block data keepstore holds in memory (a PUT body, a block being read and verified, a pulled block)
+lives in a buffer from this pool, so ``MaxKeepBlobBuffers`` x 64 MiB bounds block memory however many requests
+arrive. Requests beyond that wait in :meth:`BufferPool.acquire`, which is cancellable: a client that hangs up while
+waiting stops waiting at once and takes nothing.
+
+Buffers are anonymous ``mmap`` regions, allocated on first use and kept for reuse. The kernel commits their pages
+only when touched, so a pool that served 4 KiB blocks costs a few KiB per buffer, not 64 MiB.
+
+Invariant for users: a buffer must not be released while any thread or transport still reads or writes it. Code
+that hands a buffer to a thread uses :func:`keepstore.aio.run_blocking`, which does not return (even when cancelled)
+before the thread has finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import mmap
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from .locator import BLOCK_SIZE
+
+
+class Buffer:
+    """One pooled block buffer. ``view`` is a writable memoryview of the whole capacity."""
+
+    __slots__ = ("_mmap", "view", "capacity")
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._mmap = mmap.mmap(-1, capacity, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.view = memoryview(self._mmap)
+
+
+@dataclass(frozen=True)
+class PoolStatus:
+    max_buffers: int
+    in_use: int
+    allocated: int
+    waiting: int
+    bytes_allocated: int
+
+
+class BufferPool:
+    """At most ``max_buffers`` buffers of ``buffer_size`` bytes, handed out first-come first-served."""
+
+    def __init__(self, max_buffers: int, buffer_size: int = BLOCK_SIZE) -> None:
+        if max_buffers <= 0:
+            raise ValueError("max_buffers must be positive")
+        self.max_buffers = max_buffers
+        self.buffer_size = buffer_size
+        self._free: list[Buffer] = []
+        self._allocated = 0
+        self._in_use = 0
+        self._waiters: list[asyncio.Future[Buffer]] = []
+        self.wait_seconds_total = 0.0
+
+    @asynccontextmanager
+    async def buffer(self) -> AsyncIterator[Buffer]:
+        buf = await self.acquire()
+        try:
+            yield buf
+        finally:
+            self.release(buf)
+
+    async def acquire(self) -> Buffer:
+        """Return a buffer, waiting (cancellably, FIFO) while all are in use."""
+        if not self._waiters:
+            buf = self._take()
+            if buf is not None:
+                return buf
+        fut: asyncio.Future[Buffer] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        started = time.monotonic()
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                # We were handed a buffer in the same tick we were cancelled: pass it on.
+                self.release(fut.result())
+            else:
+                self._waiters.remove(fut)
+            raise
+        finally:
+            self.wait_seconds_total += time.monotonic() - started
+
+    def release(self, buf: Buffer) -> None:
+        while self._waiters:
+            fut = self._waiters.pop(0)
+            if not fut.done():
+                fut.set_result(buf)  # ownership passes straight to the next waiter
+                return
+        self._in_use -= 1
+        self._free.append(buf)
+
+    def _take(self) -> Buffer | None:
+        if self._free:
+            self._in_use += 1
+            return self._free.pop()
+        if self._allocated < self.max_buffers:
+            buf = Buffer(self.buffer_size)
+            self._allocated += 1
+            self._in_use += 1
+            return buf
+        return None
+
+    def status(self) -> PoolStatus:
+        return PoolStatus(
+            max_buffers=self.max_buffers,
+            in_use=self._in_use,
+            allocated=self._allocated,
+            waiting=sum(1 for w in self._waiters if not w.done()),
+            bytes_allocated=self._allocated * self.buffer_size,
+        )

@@ -1,0 +1,107 @@
+"""The embedded default: a ready-to-use single-node keepstore when no config file exists.
+
+One Directory volume under ``<data dir>/blocks``, listening on 127.0.0.1:25107, signing on. The signing key, the
+admin and management tokens and a client token for trying it out are generated on first start and kept in
+``<data dir>/secrets.json`` (mode 0600), so a restart reuses them and earlier signed locators stay valid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import string
+from dataclasses import dataclass
+from typing import Any
+
+from .config import Config, from_document
+
+CLUSTER_ID = "zzzzz"
+VOLUME_UUID = f"{CLUSTER_ID}-nyw5e-000000000000000"
+_ALPHABET = string.ascii_lowercase + string.digits
+
+
+@dataclass(frozen=True)
+class Secrets:
+    system_root_token: str
+    management_token: str
+    blob_signing_key: str
+    client_token: str
+
+
+def _random(n: int) -> str:
+    return "".join(secrets.choice(_ALPHABET) for _ in range(n))
+
+
+def load_or_create_secrets(data_dir: str) -> Secrets:
+    path = os.path.join(data_dir, "secrets.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+        return Secrets(
+            doc["SystemRootToken"], doc["ManagementToken"], doc["BlobSigningKey"], doc["ClientToken"]
+        )
+    except FileNotFoundError:
+        pass
+    s = Secrets(_random(50), _random(50), _random(64), _random(50))
+    os.makedirs(data_dir, mode=0o700, exist_ok=True)
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(
+            {
+                "SystemRootToken": s.system_root_token,
+                "ManagementToken": s.management_token,
+                "BlobSigningKey": s.blob_signing_key,
+                "ClientToken": s.client_token,
+            },
+            f,
+            indent=2,
+        )
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return s
+
+
+def embedded_config(data_dir: str, listen: str = "127.0.0.1:25107") -> tuple[Config, Secrets]:
+    data_dir = os.path.abspath(data_dir)
+    s = load_or_create_secrets(data_dir)
+    root = os.path.join(data_dir, "blocks")
+    os.makedirs(root, mode=0o755, exist_ok=True)
+    doc: dict[str, Any] = {
+        "Clusters": {
+            CLUSTER_ID: {
+                "SystemRootToken": s.system_root_token,
+                "ManagementToken": s.management_token,
+                "Services": {"Keepstore": {"InternalURLs": {f"http://{listen}": {}}}},
+                "Collections": {"BlobSigning": True, "BlobSigningKey": s.blob_signing_key},
+                # 16 x 64 MiB = 1 GiB of block buffers at most: a sane ceiling for a workstation.
+                "API": {"MaxKeepBlobBuffers": 16},
+                "Volumes": {VOLUME_UUID: {"Driver": "Directory", "DriverParameters": {"Root": root}}},
+                "SystemLogs": {"Format": "text"},
+            }
+        }
+    }
+    return from_document(doc, source=f"<embedded default, {data_dir}>", env={}), s
+
+
+def banner(config: Config, s: Secrets, data_dir: str) -> str:
+    url = config.internal_url
+    return f"""
+keepstore: embedded default configuration (no --config given and no /etc/arvados/config.yml)
+  listening on   {url}
+  volume         {data_dir}/blocks
+  secrets        {data_dir}/secrets.json (reused on restart)
+  client token   {s.client_token}
+  admin token    {s.system_root_token}   (SystemRootToken: index, trash, pull ...)
+  mgmt token     {s.management_token}   (ManagementToken: /_health/ping, /metrics, /status.json)
+
+Try it:
+  TOKEN={s.client_token}
+  echo 'hello keep' > hello.txt
+  LOC=$(curl -sS -X PUT -H "Authorization: Bearer $TOKEN" --data-binary @hello.txt \\
+        {url}/$(md5sum hello.txt | cut -d' ' -f1))
+  echo $LOC
+  curl -sS -H "Authorization: Bearer $TOKEN" {url}/$LOC
+"""

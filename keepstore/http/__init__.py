@@ -1,0 +1,1 @@
+"""The HTTP surface: thin handlers over ``keepstore.store``."""

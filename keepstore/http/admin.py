@@ -1,0 +1,101 @@
+"""Admin routes (SPEC §2.7–2.13): SystemRootToken only; the root check comes before any other validation."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from urllib.parse import parse_qsl
+
+from aiohttp import web
+
+from ..errors import KeepError, MethodNotAllowed
+from ..locator import parse_locator
+from .app import Call
+from .auth import require_root
+
+log = logging.getLogger("keepstore.http")
+
+INDEX_FLUSH_LINES = 2000
+
+
+def _root(call: Call) -> None:
+    require_root(call.request, call.service.config.system_root_token)
+
+
+def _query(call: Call, key: str) -> str:
+    query = call.request.raw_path.partition("?")[2]
+    values = [v for k, v in parse_qsl(query, keep_blank_values=True) if k == key]
+    return values[0] if values else ""
+
+
+async def index(call: Call, match: re.Match[str]) -> web.StreamResponse:
+    """Stream ``<hash>+<size> <mtime ns>`` lines, then a blank line only if every mount was listed completely."""
+    _root(call)
+    groups = match.groupdict()
+    prefix = _query(call, "prefix") or groups.get("prefix") or ""
+    entries = call.service.store.index(prefix, groups.get("uuid"))
+    resp = web.StreamResponse(status=200)
+    resp.content_type = "text/plain"
+    resp.charset = "utf-8"
+    lines: list[str] = []
+    try:
+        async for e in entries:
+            lines.append(f"{e.hash}+{e.size} {e.mtime_ns}\n")
+            if len(lines) >= INDEX_FLUSH_LINES:
+                if not resp.prepared:
+                    await call.prepare(resp)
+                await resp.write("".join(lines).encode())
+                lines.clear()
+    except KeepError as exc:
+        if not resp.prepared:
+            raise  # nothing sent yet: a proper error status is still possible
+        # Too late for a status: end the body without the blank line, which tells the client it is incomplete.
+        log.error("index failed mid-stream", extra={"fields": {"RequestID": call.request_id, "error": str(exc)}})
+        await resp.write("".join(lines).encode())
+        return resp
+    if not resp.prepared:
+        await call.prepare(resp)
+    lines.append("\n")
+    await resp.write("".join(lines).encode())
+    return resp
+
+
+index.no_deadline = True  # type: ignore[attr-defined]  # a big index may take longer than RequestTimeout
+
+
+async def mounts(call: Call, match: re.Match[str]) -> web.StreamResponse:
+    _root(call)
+    out = [
+        {
+            "uuid": m.uuid,
+            "device_id": m.volume.device_id,
+            "allow_write": m.allow_write,
+            "allow_trash": m.allow_trash,
+            "replication": m.replication,
+            "storage_classes": {c: True for c in m.storage_classes},
+        }
+        for m in call.service.store.readable
+    ]
+    body = json.dumps(out, separators=(",", ":")) + "\n"
+    return web.Response(status=200, body=body.encode(), content_type="application/json")
+
+
+async def touch(call: Call, match: re.Match[str]) -> web.StreamResponse:
+    _root(call)
+    await call.service.store.touch(parse_locator(match["loc"]).hash)
+    return web.Response(status=200)
+
+
+async def trash(call: Call, match: re.Match[str]) -> web.StreamResponse:
+    _root(call)
+    if not call.service.config.blob_trash:
+        raise MethodNotAllowed()
+    await call.service.store.trash(parse_locator(match["loc"]).hash)
+    return web.Response(status=200)
+
+
+async def untrash(call: Call, match: re.Match[str]) -> web.StreamResponse:
+    _root(call)
+    await call.service.store.untrash(parse_locator(match["loc"]).hash)
+    return web.Response(status=200)

@@ -1,0 +1,355 @@
+"""Placement over volumes: what HTTP handlers and workers call; nothing else reaches into a driver.
+
+It orders mounts (priority, then rendezvous weight), reads with verification and fail-over, writes with the
+storage-class progress rules, and maps per-volume outcomes onto one answer (SPEC §2.5–2.13, §5.3–5.4).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from .config import Config, VolumeSpec
+from .errors import (
+    BlockNotFound,
+    ChecksumMismatch,
+    HashCollision,
+    KeepError,
+    VolumeFull,
+    VolumeUnavailable,
+)
+from .hashing import md5_hex
+from .volumes import IndexEntry, Volume
+
+log = logging.getLogger("keepstore.store")
+
+
+@dataclass(eq=False)
+class Mount:
+    """A volume as this server uses it: the driver plus its place in the config."""
+
+    spec: VolumeSpec
+    volume: Volume
+
+    @property
+    def priority(self) -> int:
+        return self.spec.priority
+
+    @property
+    def uuid(self) -> str:
+        return self.spec.uuid
+
+    @property
+    def allow_write(self) -> bool:
+        return self.spec.allow_write
+
+    @property
+    def allow_trash(self) -> bool:
+        return self.spec.allow_trash
+
+    @property
+    def replication(self) -> int:
+        return self.spec.replication
+
+    @property
+    def storage_classes(self) -> tuple[str, ...]:
+        return self.spec.storage_classes
+
+    def weight(self, hash: str) -> str:
+        # 27-character UUIDs are weighed by their last 15 characters, as Arvados does.
+        tail = self.uuid[12:] if len(self.uuid) == 27 else self.uuid
+        return hashlib.md5(f"{hash}{tail}".encode()).hexdigest()
+
+
+@dataclass
+class WriteResult:
+    hash: str
+    size: int
+    replicas: int
+    classes: dict[str, int]
+
+
+@dataclass
+class StoreCounters:
+    quarantined: int = 0
+    checksum_errors: int = 0
+
+
+class PutProgress:
+    """How far a write is from satisfying the requested storage classes (SPEC §5.4)."""
+
+    def __init__(self, classes: Iterable[str]) -> None:
+        self.needed = {c for c in classes if c}
+        self.todo = set(self.needed)
+        self.used: set[Mount] = set()
+        self.total = 0
+        self.done_by_class: dict[str, int] = {}
+
+    def copy(self) -> PutProgress:
+        other = PutProgress(())
+        other.needed = self.needed
+        other.todo = set(self.todo)
+        other.used = set(self.used)
+        other.total = self.total
+        other.done_by_class = dict(self.done_by_class)
+        return other
+
+    def add(self, mnt: Mount) -> None:
+        if mnt in self.used:
+            return
+        self.used.add(mnt)
+        self.total += mnt.replication
+        for c in mnt.storage_classes:
+            self.done_by_class[c] = self.done_by_class.get(c, 0) + mnt.replication
+            self.todo.discard(c)
+
+    def sub(self, mnt: Mount) -> None:
+        if mnt not in self.used:
+            return
+        self.used.discard(mnt)
+        self.total -= mnt.replication
+        for c in mnt.storage_classes:
+            self.done_by_class[c] -= mnt.replication
+            if c in self.needed and self.done_by_class[c] <= 0:
+                self.todo.add(c)
+
+    def done(self) -> bool:
+        return not self.todo and self.total > 0
+
+    def want(self, mnt: Mount) -> bool:
+        if self.done() or mnt in self.used:
+            return False
+        if not self.todo:
+            return True  # no classes requested: any mount will do
+        return any(c in self.todo for c in mnt.storage_classes)
+
+
+@dataclass
+class Store:
+    config: Config
+    mounts: Sequence[Mount]
+    counters: StoreCounters = field(default_factory=StoreCounters)
+    _background: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.mounts = sorted(self.mounts, key=lambda m: m.uuid)
+        self.by_uuid = {m.uuid: m for m in self.mounts}
+        self.readable = list(self.mounts)
+        self.writable = [m for m in self.mounts if m.allow_write]
+        self.trashable = [m for m in self.mounts if m.allow_trash]
+
+    # --- ordering --------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def rendezvous(hash: str, mounts: Iterable[Mount]) -> list[Mount]:
+        """Priority descending, then rendezvous weight ascending (the server-side order of SPEC §5.3)."""
+        return sorted(mounts, key=lambda m: (-m.priority, m.weight(hash[:32])))
+
+    # --- reads -----------------------------------------------------------------------------------------------
+
+    async def read(self, hash: str, size_hint: int | None, into: memoryview) -> int:
+        """Fill ``into`` with a verified copy of the block and return its size.
+
+        Mounts are tried in read order. A copy that fails its MD5 is quarantined and the next mount tried, so a
+        corrupt copy is never served while a good one exists (deliberate difference 3). A copy whose MD5 is right
+        but whose size differs from the hint means the *locator* is wrong: ChecksumMismatch, nothing quarantined.
+        """
+        failure: KeepError | None = None
+        corrupt = False
+        for mnt in self.rendezvous(hash, self.readable):
+            try:
+                n = await mnt.volume.block_read(hash, into)
+            except BlockNotFound:
+                continue
+            except KeepError as exc:
+                failure = failure or exc
+                continue
+            if await md5_hex(into[:n]) != hash:
+                corrupt = True
+                self.counters.checksum_errors += 1
+                log.error("checksum mismatch in stored data", extra={"fields": {"hash": hash, "mount": mnt.uuid}})
+                self._spawn(self._quarantine(mnt, hash))
+                continue
+            if size_hint is not None and n != size_hint:
+                raise ChecksumMismatch()
+            return n
+        if corrupt:
+            raise ChecksumMismatch()
+        raise failure or BlockNotFound()
+
+    async def _quarantine(self, mnt: Mount, hash: str) -> None:
+        try:
+            if await mnt.volume.block_quarantine(hash):
+                self.counters.quarantined += 1
+                log.warning("quarantined corrupt block", extra={"fields": {"hash": hash, "mount": mnt.uuid}})
+        except KeepError as exc:
+            log.error("quarantine failed", extra={"fields": {"hash": hash, "mount": mnt.uuid, "error": str(exc)}})
+
+    def _spawn(self, coro: object) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def close(self) -> None:
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        for mnt in self.mounts:
+            await mnt.volume.close()
+
+    # --- writes ----------------------------------------------------------------------------------------------
+
+    async def write(self, hash: str, data: memoryview, classes: Sequence[str] = ()) -> WriteResult:
+        """Store ``data`` (already verified to hash to ``hash``) on as many writable mounts as the classes need.
+
+        A mount that already holds identical bytes is touched instead of rewritten; different bytes under the same
+        hash are a HashCollision. Returns once every started write has finished, even if cancelled meanwhile.
+        """
+        order = self.rendezvous(hash, self.writable)
+        result = PutProgress(classes)
+        for mnt in order:
+            if not result.want(mnt):
+                continue
+            try:
+                same = await mnt.volume.block_compare(hash, data)
+            except KeepError:
+                continue  # absent, or unreadable: the write pass decides
+            if not same:
+                raise HashCollision()
+            try:
+                await mnt.volume.block_touch(hash)
+                result.add(mnt)
+            except KeepError:
+                pass
+
+        pending = result.copy()  # what result will be if every running write succeeds
+        all_full = True
+        running: dict[asyncio.Task[None], Mount] = {}
+
+        async def settle(wait_for_one: bool) -> None:
+            nonlocal all_full
+            if not running:
+                return
+            done, _ = await asyncio.wait(
+                list(running), return_when=asyncio.FIRST_COMPLETED if wait_for_one else asyncio.ALL_COMPLETED
+            )
+            for task in done:
+                mnt = running.pop(task)
+                exc = task.exception()
+                if exc is None:
+                    result.add(mnt)
+                else:
+                    pending.sub(mnt)
+                    if not isinstance(exc, VolumeFull):
+                        all_full = False
+                    log.warning(
+                        "write failed", extra={"fields": {"hash": hash, "mount": mnt.uuid, "error": str(exc)}}
+                    )
+
+        try:
+            for mnt in order:
+                while not result.done() and result.want(mnt) and not pending.want(mnt) and running:
+                    await settle(wait_for_one=True)
+                if result.done():
+                    break
+                if not result.want(mnt) or not pending.want(mnt):
+                    continue
+                pending.add(mnt)
+                running[asyncio.ensure_future(mnt.volume.block_write(hash, data))] = mnt
+            await settle(wait_for_one=False)
+        finally:
+            if running:
+                # Cancelled: the writes still read ``data``; wait for them before the caller frees the buffer.
+                await _wait_uncancellable(list(running))
+
+        if result.total > 0:
+            return WriteResult(hash, len(data), result.total, {c: n for c, n in result.done_by_class.items() if n > 0})
+        if all_full:
+            raise VolumeFull()
+        raise VolumeUnavailable()
+
+    # --- admin operations --------------------------------------------------------------------------------------
+
+    async def touch(self, hash: str) -> None:
+        """Touch the block on the first writable mount (by UUID) that has it."""
+        failure: KeepError | None = None
+        for mnt in self.writable:
+            try:
+                await mnt.volume.block_touch(hash)
+                return
+            except BlockNotFound:
+                continue
+            except KeepError as exc:
+                failure = failure or exc
+        raise failure or BlockNotFound()
+
+    async def mtime(self, mnt: Mount, hash: str) -> int:
+        return await mnt.volume.mtime(hash)
+
+    async def trash(self, hash: str) -> None:
+        """Trash the block on every trashable mount where it is older than the signing TTL (DELETE /{locator})."""
+        ttl = self.config.blob_signing_ttl
+        found = False
+        failure: KeepError | None = None
+        for mnt in self.trashable:
+            try:
+                mtime = await mnt.volume.mtime(hash)
+                found = True
+                if time.time_ns() - mtime > ttl * 1_000_000_000:
+                    await mnt.volume.block_trash(hash, ttl, self.config.blob_trash_lifetime)
+            except BlockNotFound:
+                continue
+            except KeepError as exc:
+                found = True
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+        if not found:
+            raise BlockNotFound()
+
+    async def untrash(self, hash: str) -> None:
+        """Untrash on every writable mount; success if any had a trashed copy."""
+        ok = False
+        failure: KeepError | None = None
+        for mnt in self.writable:
+            try:
+                await mnt.volume.block_untrash(hash)
+                ok = True
+            except BlockNotFound:
+                continue
+            except KeepError as exc:
+                failure = failure or exc
+        if ok:
+            return
+        raise failure or BlockNotFound()
+
+    async def index(self, prefix: str, mount_uuid: str | None = None) -> AsyncIterator[IndexEntry]:
+        """Every block on every readable mount (UUID order), or on one mount; BlockNotFound for an unknown UUID."""
+        if mount_uuid is not None:
+            mnt = self.by_uuid.get(mount_uuid)
+            if mnt is None:
+                raise BlockNotFound()
+            mounts: list[Mount] = [mnt]
+        else:
+            mounts = self.readable
+        for mnt in mounts:
+            async for entry in mnt.volume.index(prefix):
+                yield entry
+
+
+async def _wait_uncancellable(tasks: list[asyncio.Task[None]]) -> None:
+    cancelled = False
+    while not all(t.done() for t in tasks):
+        try:
+            await asyncio.wait([t for t in tasks if not t.done()])
+        except asyncio.CancelledError:
+            cancelled = True
+    for t in tasks:
+        if not t.cancelled():
+            t.exception()  # retrieved: the error was already logged or is moot
+    if cancelled:
+        raise asyncio.CancelledError()
+

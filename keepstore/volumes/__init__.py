@@ -1,0 +1,37 @@
+"""Storage drivers and the registry that builds them from config."""
+
+from __future__ import annotations
+
+from ..config import Config, ConfigError, VolumeSpec
+from .base import EmptyTrashStats, IndexEntry, Volume, VolumeStats, VolumeUsage
+from .directory import DirectoryParameters, DirectoryVolume
+
+DRIVERS = ("Directory",)
+
+__all__ = [
+    "DRIVERS",
+    "EmptyTrashStats",
+    "IndexEntry",
+    "Volume",
+    "VolumeStats",
+    "VolumeUsage",
+    "check_volume_specs",
+    "open_volume",
+]
+
+
+def check_volume_specs(config: Config) -> None:
+    """Validate every volume's driver name and DriverParameters; raise ConfigError naming the key."""
+    for spec in config.volumes:
+        _parse(spec)
+
+
+def _parse(spec: VolumeSpec) -> DirectoryParameters:
+    if spec.driver == "Directory":
+        return DirectoryParameters.parse(spec.parameters, spec.key_path)
+    raise ConfigError(f"{spec.key_path}.Driver", f"unknown driver {spec.driver!r} (supported: {', '.join(DRIVERS)})")
+
+
+def open_volume(spec: VolumeSpec, config: Config) -> Volume:
+    params = _parse(spec)
+    return DirectoryVolume(spec, params)

@@ -1,0 +1,154 @@
+"""The storage driver interface.
+
+A volume stores blocks by hash and knows nothing of HTTP, signatures, placement or verification: those belong to
+``keepstore.store``. Every method is a coroutine; drivers with blocking I/O run it in their own executor so that one
+slow disk cannot stall the event loop or the other volumes.
+
+Invariants every driver must keep (``tests/contract`` checks them against each driver):
+
+* **Atomic visibility.** ``block_write`` never leaves a partial block visible: after any failure, including a crash
+  or kill at any instant, a read returns the previous complete copy or :class:`BlockNotFound`, never a mix or a
+  prefix. When ``block_write`` returns, the block is durable (fsynced, or acknowledged by the object store).
+* **Not found is an exception.** Reading, touching, asking the mtime of, or trashing an absent block raises
+  :class:`BlockNotFound`; so does any of these on a *trashed* block. Trashed blocks are not listed by ``index``.
+* **Time is nanoseconds.** ``mtime`` and ``index`` give nanoseconds since the epoch, and the two agree exactly for
+  the same copy (trash lists match on equality).
+* **Trash is conservative.** ``block_trash`` is a successful no-op for a block younger than the signing TTL; a
+  trashed block can be untrashed until ``empty_trash`` runs after its deadline.
+* **Errors are domain errors.** Drivers raise :class:`BlockNotFound`, :class:`VolumeFull`, :class:`TooLarge` or
+  :class:`VolumeError` (with the cause chained), nothing backend-specific.
+* **Buffers are borrowed.** ``block_read`` fills the caller's buffer and ``block_write`` reads the caller's data; a
+  driver keeps no reference to either after the call returns (or is cancelled).
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    hash: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class EmptyTrashStats:
+    deleted_blocks: int = 0
+    deleted_bytes: int = 0
+    remaining_blocks: int = 0
+    remaining_bytes: int = 0
+
+
+class VolumeStats:
+    """Counters a volume keeps for metrics and status. Updated from driver threads, hence the lock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.ops: dict[str, int] = {}  # operation name -> count
+        self.errors: dict[str, int] = {}  # error type -> count
+        self.in_bytes = 0  # read from the backend
+        self.out_bytes = 0  # written to the backend
+
+    def op(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self.ops[name] = self.ops.get(name, 0) + n
+
+    def error(self, kind: str) -> None:
+        with self._lock:
+            self.errors[kind] = self.errors.get(kind, 0) + 1
+
+    def io(self, read: int = 0, written: int = 0) -> None:
+        with self._lock:
+            self.in_bytes += read
+            self.out_bytes += written
+
+
+@dataclass(frozen=True)
+class VolumeUsage:
+    bytes_free: int | None
+    bytes_used: int | None
+
+
+class Volume(ABC):
+    """One storage backend holding blocks. See the module docstring for the invariants."""
+
+    stats: VolumeStats
+
+    @property
+    @abstractmethod
+    def device_id(self) -> str:
+        """Identifies the backing store: equal across keepstore servers that share it (keep-balance dedupes on it)."""
+
+    async def start(self) -> None:
+        """Prepare for service (e.g. start background housekeeping). Called once before any other method."""
+
+    async def close(self) -> None:
+        """Release resources. Waits for in-flight operations to finish."""
+
+    @abstractmethod
+    async def block_read(self, hash: str, into: memoryview) -> int:
+        """Copy the stored block into ``into`` and return its size.
+
+        Raises BlockNotFound if absent or trashed, TooLarge if the stored object exceeds ``len(into)``.
+        No integrity check: the caller verifies.
+        """
+
+    @abstractmethod
+    async def block_write(self, hash: str, data: memoryview) -> None:
+        """Store ``data`` under ``hash`` durably and atomically, replacing any existing copy; mtime becomes now.
+
+        Raises VolumeFull when the backend is out of space, VolumeError on other failures.
+        """
+
+    @abstractmethod
+    async def block_compare(self, hash: str, data: memoryview) -> bool:
+        """True if the stored copy holds exactly ``data``, False if it differs. BlockNotFound if absent."""
+
+    @abstractmethod
+    async def block_touch(self, hash: str) -> None:
+        """Set the block's mtime to now. BlockNotFound if absent or trashed."""
+
+    @abstractmethod
+    async def mtime(self, hash: str) -> int:
+        """The block's mtime in nanoseconds. BlockNotFound if absent or trashed."""
+
+    @abstractmethod
+    async def block_trash(self, hash: str, ttl: float, lifetime: float) -> None:
+        """Trash the block unless it is younger than ``ttl`` seconds (then: success, no change).
+
+        With ``lifetime`` 0 the block is deleted at once (if the driver allows it), else it is kept recoverable
+        until now + ``lifetime``. BlockNotFound if absent.
+        """
+
+    @abstractmethod
+    async def block_untrash(self, hash: str) -> None:
+        """Restore a trashed copy (replacing any live one). BlockNotFound if nothing is in the trash."""
+
+    @abstractmethod
+    async def block_quarantine(self, hash: str) -> bool:
+        """Move the stored copy out of the way if it does not hash to ``hash``; keep it for inspection.
+
+        The check is repeated here, under the same lock that writes take, so a good copy written since the caller's
+        read is never moved. Returns whether a copy was quarantined.
+        """
+
+    @abstractmethod
+    async def empty_trash(self, delete_concurrency: int) -> EmptyTrashStats:
+        """Permanently delete trashed copies whose deadline has passed."""
+
+    @abstractmethod
+    def index(self, prefix: str) -> AsyncIterator[IndexEntry]:
+        """Yield the non-trashed blocks whose hash starts with ``prefix``, in backend order, in bounded memory."""
+
+    @abstractmethod
+    async def usage(self) -> VolumeUsage:
+        """Free and used bytes, where the backend can tell."""
+
+    async def sweep_temporary(self) -> int:
+        """Remove leftovers of writes interrupted by a crash; return how many. Safe while writes are running."""
+        return 0

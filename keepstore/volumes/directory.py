@@ -1,0 +1,571 @@
+"""The Directory volume: blocks as files under a root directory, laid out exactly as Arvados does.
+
+    <Root>/<hash[0:3]>/<hash>                   a block (raw bytes, no header)
+    <Root>/<hash[0:3]>/tmp<hash><random>        a write in progress
+    <Root>/<hash[0:3]>/<hash>.trash.<deadline>  a trashed block (deadline: Unix seconds)
+    <Root>/full                                 symlink to a Unix time: "full since then" (trusted for an hour)
+    <Root>/quarantine/<hash>.<unix ns>          keepstore-py only: a copy that failed verification
+
+so a Go keepstore's volume directory is served by this driver and the reverse (Go ignores ``quarantine/``: its
+name is not hex).
+
+Deliberate differences from the Go driver, all for durability or safety:
+
+* writes fsync the file before the rename and the directory after it (Go does neither);
+* the temp file is flock()ed while it is written, so the start-up sweep removes only temp files no live process
+  owns;
+* renames into place, trash, untrash, touch and quarantine take an flock on the block's 3-character directory, which
+  serialises them (Go locks the block file for touch/trash only, leaving write-vs-trash to callers);
+* ENOSPC while writing counts as "full" (507), not as a generic failure (503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import errno
+import fcntl
+import hashlib
+import os
+import re
+import socket
+import stat
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from ..aio import run_blocking
+from ..config import ConfigError, VolumeSpec
+from ..errors import BlockNotFound, TooLarge, VolumeError, VolumeFull
+from ..locator import BLOCK_SIZE
+from .base import EmptyTrashStats, IndexEntry, Volume, VolumeStats, VolumeUsage
+
+T = TypeVar("T")
+
+_HEX_DIR_RE = re.compile(r"[0-9a-f]+")
+_BLOCK_RE = re.compile(r"[0-9a-f]{32}")
+_TRASH_RE = re.compile(r"([0-9a-f]{32})\.trash\.([0-9]+)")
+_TEMP_RE = re.compile(r"tmp[0-9a-f]{32}.*")
+
+FULL_MARKER_TTL = 3600.0  # seconds a "full" symlink is trusted before statfs is asked again
+MIN_FREE_BYTES = BLOCK_SIZE  # less free space than one block means full
+_COPY_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class DirectoryParameters:
+    root: str
+    serialize: bool = False
+
+    @classmethod
+    def parse(cls, params: Mapping[str, Any], key_path: str) -> DirectoryParameters:
+        path = f"{key_path}.DriverParameters"
+        root = params.get("Root")
+        if root is None or root == "":
+            raise ConfigError(f"{path}.Root", "required")
+        if not isinstance(root, str):
+            raise ConfigError(f"{path}.Root", "must be a string")
+        if not root.startswith("/"):
+            raise ConfigError(f"{path}.Root", f"must be an absolute path, not {root!r}")
+        serialize = params.get("Serialize", False)
+        if not isinstance(serialize, bool):
+            raise ConfigError(f"{path}.Serialize", "must be true or false")
+        for key in params:
+            if key not in ("Root", "Serialize") and key not in _OTHER_DRIVER_KEYS:
+                raise ConfigError(f"{path}.{key}", "unknown parameter for the Directory driver")
+        return cls(root=root.rstrip("/") or "/", serialize=serialize)
+
+
+# Keys of other drivers that Arvados' sample config puts in every DriverParameters block.
+_OTHER_DRIVER_KEYS = frozenset(
+    "AccessKeyID SecretAccessKey Endpoint Region Bucket LocationConstraint V2Signature UsePathStyle IndexPageSize "
+    "ConnectTimeout ReadTimeout RaceWindow PrefixLength UnsafeDelete StorageAccountName StorageAccountKey "
+    "StorageBaseURL ContainerName RequestTimeout ListBlobsRetryDelay ListBlobsMaxAttempts MaxGetBytes "
+    "WriteRaceInterval WriteRacePollTime".split()
+)
+
+
+class DirectoryVolume(Volume):
+    """Blocks in files under ``root``; all file work runs in this volume's own thread pool."""
+
+    def __init__(self, spec: VolumeSpec, params: DirectoryParameters, threads: int = 16) -> None:
+        self.spec = spec
+        self.root = params.root
+        self.stats = VolumeStats()
+        if not os.path.isdir(self.root):
+            raise ConfigError(f"{spec.key_path}.DriverParameters.Root", f"{self.root} is not a directory")
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1 if params.serialize else threads, thread_name_prefix=f"vol-{spec.uuid[-5:]}"
+        )
+        self._device_id = _device_id(self.root)
+        self._started_ns = time.time_ns()
+
+    @property
+    def device_id(self) -> str:
+        return self._device_id
+
+    async def close(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
+
+    def _run(self, fn: Callable[..., T], *args: Any) -> Coroutine[Any, Any, T]:
+        return run_blocking(self._executor, fn, *args)
+
+    # --- paths -----------------------------------------------------------------------------------------------
+
+    def _dir(self, hash: str) -> str:
+        return f"{self.root}/{hash[:3]}"
+
+    def _path(self, hash: str) -> str:
+        return f"{self.root}/{hash[:3]}/{hash}"
+
+    # --- operations ------------------------------------------------------------------------------------------
+
+    async def block_read(self, hash: str, into: memoryview) -> int:
+        return await self._run(self._read, hash, into)
+
+    async def block_write(self, hash: str, data: memoryview) -> None:
+        await self._run(self._write, hash, data)
+
+    async def block_compare(self, hash: str, data: memoryview) -> bool:
+        return await self._run(self._compare, hash, data)
+
+    async def block_touch(self, hash: str) -> None:
+        await self._run(self._touch, hash)
+
+    async def mtime(self, hash: str) -> int:
+        return await self._run(self._mtime, hash)
+
+    async def block_trash(self, hash: str, ttl: float, lifetime: float) -> None:
+        await self._run(self._trash, hash, ttl, lifetime)
+
+    async def block_untrash(self, hash: str) -> None:
+        await self._run(self._untrash, hash)
+
+    async def block_quarantine(self, hash: str) -> bool:
+        return await self._run(self._quarantine, hash)
+
+    async def empty_trash(self, delete_concurrency: int) -> EmptyTrashStats:
+        return await self._run(self._empty_trash, max(1, delete_concurrency))
+
+    async def usage(self) -> VolumeUsage:
+        return await self._run(self._usage)
+
+    async def sweep_temporary(self) -> int:
+        return await self._run(self._sweep_temporary)
+
+    async def index(self, prefix: str) -> AsyncIterator[IndexEntry]:
+        subdirs = await self._run(self._index_dirs, prefix)
+        for sub in subdirs:
+            entries = await self._run(self._index_dir, sub, prefix)
+            for entry in entries:
+                yield entry
+
+    # --- thread side -----------------------------------------------------------------------------------------
+
+    def _fail(self, op: str, path: str, exc: OSError) -> VolumeError:
+        self.stats.error(type(exc).__name__)
+        return VolumeError(f"{op} {path}: {exc.strerror or exc}")
+
+    def _read(self, hash: str, into: memoryview) -> int:
+        path = self._path(hash)
+        self.stats.op("open")
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            raise BlockNotFound() from None
+        except OSError as exc:
+            raise self._fail("open", path, exc) from exc
+        try:
+            self.stats.op("stat")
+            size = os.fstat(fd).st_size
+            if size > len(into) or size > BLOCK_SIZE:
+                raise TooLarge()
+            got = 0
+            while got < size:
+                n = os.readv(fd, [into[got : min(size, got + 8 * _COPY_CHUNK)]])
+                if n == 0:
+                    break
+                got += n
+            self.stats.io(read=got)
+            if got != size:
+                raise VolumeError(f"read {path}: unexpected EOF after {got} of {size} bytes")
+            return size
+        except OSError as exc:
+            raise self._fail("read", path, exc) from exc
+        finally:
+            os.close(fd)
+
+    def _compare(self, hash: str, data: memoryview) -> bool:
+        path = self._path(hash)
+        self.stats.op("open")
+        try:
+            f = open(path, "rb", buffering=0)
+        except (FileNotFoundError, NotADirectoryError):
+            raise BlockNotFound() from None
+        except OSError as exc:
+            raise self._fail("open", path, exc) from exc
+        with f:
+            try:
+                if os.fstat(f.fileno()).st_size != len(data):
+                    return False
+                chunk = bytearray(min(_COPY_CHUNK, max(1, len(data))))
+                pos = 0
+                while pos < len(data):
+                    n = f.readinto(chunk)
+                    if not n:
+                        return False
+                    if chunk[:n] != data[pos : pos + n]:
+                        return False
+                    pos += n
+                self.stats.io(read=pos)
+                return f.read(1) == b""
+            except OSError as exc:
+                raise self._fail("read", path, exc) from exc
+
+    def _write(self, hash: str, data: memoryview) -> None:
+        if self._is_full():
+            raise VolumeFull()
+        directory = self._dir(hash)
+        tmp = ""
+        try:
+            self.stats.op("mkdir")
+            os.makedirs(directory, mode=0o755, exist_ok=True)
+            tmp = f"{directory}/tmp{hash}{os.urandom(6).hex()}"
+            self.stats.op("create")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                # The flock marks this temp file as owned by a live writer (see _sweep_temporary).
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                pos = 0
+                while pos < len(data):
+                    pos += os.write(fd, data[pos : pos + 8 * _COPY_CHUNK])
+                self.stats.io(written=pos)
+                # ext4 stamps inodes from a coarse clock; set a precise mtime so that index and trash-list
+                # mtimes (nanoseconds) are distinct and monotonic.
+                now = time.time_ns()
+                self.stats.op("utimes")
+                os.utime(fd, ns=(now, now))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._locked_in_dir(directory, lambda: os.rename(tmp, self._path(hash)), fsync=True)
+            self.stats.op("rename")
+            tmp = ""
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                self._mark_full()
+                raise VolumeFull() from exc
+            raise self._fail("write", tmp or directory, exc) from exc
+        finally:
+            if tmp:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+
+    def _locked_in_dir(self, directory: str, fn: Callable[[], T], fsync: bool = False) -> T:
+        """Run ``fn`` holding the flock of ``directory``; then fsync the directory if asked."""
+        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            self.stats.op("flock")
+            fcntl.flock(dfd, fcntl.LOCK_EX)
+            try:
+                result = fn()
+            finally:
+                fcntl.flock(dfd, fcntl.LOCK_UN)
+            if fsync:
+                os.fsync(dfd)
+            return result
+        finally:
+            os.close(dfd)
+
+    def _touch(self, hash: str) -> None:
+        path = self._path(hash)
+
+        def touch() -> None:
+            now = time.time_ns()
+            self.stats.op("utimes")
+            os.utime(path, ns=(now, now))
+
+        try:
+            self._locked_in_dir(self._dir(hash), touch)
+        except (FileNotFoundError, NotADirectoryError):
+            raise BlockNotFound() from None
+        except OSError as exc:
+            raise self._fail("touch", path, exc) from exc
+
+    def _mtime(self, hash: str) -> int:
+        path = self._path(hash)
+        self.stats.op("stat")
+        try:
+            return os.stat(path).st_mtime_ns
+        except (FileNotFoundError, NotADirectoryError):
+            raise BlockNotFound() from None
+        except OSError as exc:
+            raise self._fail("stat", path, exc) from exc
+
+    def _trash(self, hash: str, ttl: float, lifetime: float) -> None:
+        path = self._path(hash)
+
+        def trash() -> None:
+            self.stats.op("stat")
+            st = os.stat(path)
+            if time.time_ns() - st.st_mtime_ns < ttl * 1e9:
+                return  # written or touched within the signing TTL: a client may still hold a signed locator
+            if lifetime <= 0:
+                self.stats.op("unlink")
+                os.unlink(path)
+            else:
+                deadline = int(time.time() + lifetime)
+                self.stats.op("rename")
+                os.rename(path, f"{path}.trash.{deadline}")
+
+        try:
+            self._locked_in_dir(self._dir(hash), trash, fsync=True)
+        except (FileNotFoundError, NotADirectoryError):
+            raise BlockNotFound() from None
+        except OSError as exc:
+            raise self._fail("trash", path, exc) from exc
+
+    def _untrash(self, hash: str) -> None:
+        directory = self._dir(hash)
+
+        def untrash() -> None:
+            self.stats.op("readdir")
+            names = sorted(n for n in os.listdir(directory) if n.startswith(f"{hash}.trash."))
+            for name in names:
+                try:
+                    self.stats.op("rename")
+                    os.rename(f"{directory}/{name}", self._path(hash))
+                    return
+                except FileNotFoundError:
+                    continue
+            raise FileNotFoundError(errno.ENOENT, "no trashed copy", directory)
+
+        try:
+            self._locked_in_dir(directory, untrash, fsync=True)
+        except (FileNotFoundError, NotADirectoryError):
+            raise BlockNotFound() from None
+        except OSError as exc:
+            raise self._fail("untrash", directory, exc) from exc
+
+    def _quarantine(self, hash: str) -> bool:
+        path = self._path(hash)
+        qdir = f"{self.root}/quarantine"
+
+        def quarantine() -> bool:
+            md5 = hashlib.md5()
+            try:
+                with open(path, "rb", buffering=0) as f:
+                    chunk = bytearray(_COPY_CHUNK)
+                    while n := f.readinto(chunk):
+                        md5.update(memoryview(chunk)[:n])
+            except FileNotFoundError:
+                return False
+            if md5.hexdigest() == hash:
+                return False  # replaced by a good copy since the caller read it
+            os.makedirs(qdir, mode=0o755, exist_ok=True)
+            self.stats.op("rename")
+            os.rename(path, f"{qdir}/{hash}.{time.time_ns()}")
+            return True
+
+        try:
+            moved = self._locked_in_dir(self._dir(hash), quarantine, fsync=True)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        except OSError as exc:
+            raise self._fail("quarantine", path, exc) from exc
+        if moved:
+            _fsync_dir(qdir)
+        return moved
+
+    def _is_full(self) -> bool:
+        marker = f"{self.root}/full"
+        try:
+            since = int(os.readlink(marker))
+            if time.time() - since < FULL_MARKER_TTL:
+                return True
+        except (OSError, ValueError):
+            pass
+        try:
+            st = os.statvfs(self.root)
+        except OSError:
+            return False
+        if st.f_bavail * st.f_frsize < MIN_FREE_BYTES:
+            self._mark_full()
+            return True
+        return False
+
+    def _mark_full(self) -> None:
+        marker = f"{self.root}/full"
+        tmp = f"{marker}.{os.getpid()}.tmp"
+        try:
+            os.symlink(str(int(time.time())), tmp)
+            os.replace(tmp, marker)
+        except OSError:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+    def _usage(self) -> VolumeUsage:
+        try:
+            st = os.statvfs(self.root)
+        except OSError:
+            return VolumeUsage(bytes_free=None, bytes_used=None)
+        return VolumeUsage(
+            bytes_free=st.f_bavail * st.f_frsize, bytes_used=(st.f_blocks - st.f_bfree) * st.f_frsize
+        )
+
+    def _hex_subdirs(self, prefix: str = "") -> list[str]:
+        self.stats.op("readdir")
+        try:
+            names = os.listdir(self.root)
+        except OSError as exc:
+            raise self._fail("readdir", self.root, exc) from exc
+        return [
+            n
+            for n in names
+            if _HEX_DIR_RE.fullmatch(n)
+            and (n.startswith(prefix) or prefix.startswith(n))
+            and os.path.isdir(f"{self.root}/{n}")
+        ]
+
+    def _index_dirs(self, prefix: str) -> list[str]:
+        return self._hex_subdirs(prefix)
+
+    def _index_dir(self, sub: str, prefix: str) -> list[IndexEntry]:
+        path = f"{self.root}/{sub}"
+        out: list[IndexEntry] = []
+        self.stats.op("readdir")
+        try:
+            with os.scandir(path) as it:
+                for entry in it:
+                    name = entry.name
+                    if len(name) != 32 or not name.startswith(prefix) or not _BLOCK_RE.fullmatch(name):
+                        continue
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue  # trashed or quarantined while we listed
+                    if stat.S_ISREG(st.st_mode):
+                        out.append(IndexEntry(name, st.st_size, st.st_mtime_ns))
+        except FileNotFoundError:
+            return out
+        except OSError as exc:
+            raise self._fail("readdir", path, exc) from exc
+        return out
+
+    def _empty_trash(self, concurrency: int) -> EmptyTrashStats:
+        now = time.time()
+        doomed: list[tuple[str, int]] = []
+        remaining_blocks = remaining_bytes = 0
+        for sub in self._hex_subdirs():
+            try:
+                with os.scandir(f"{self.root}/{sub}") as it:
+                    for entry in it:
+                        m = _TRASH_RE.fullmatch(entry.name)
+                        if m is None:
+                            continue
+                        try:
+                            size = entry.stat(follow_symlinks=False).st_size
+                        except FileNotFoundError:
+                            continue
+                        if int(m.group(2)) <= now:
+                            doomed.append((entry.path, size))
+                        else:
+                            remaining_blocks += 1
+                            remaining_bytes += size
+            except FileNotFoundError:
+                continue
+        deleted_blocks = deleted_bytes = 0
+
+        def unlink(item: tuple[str, int]) -> int:
+            try:
+                self.stats.op("unlink")
+                os.unlink(item[0])
+                return item[1]
+            except FileNotFoundError:
+                return -1
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=concurrency) as pool:
+            for size in pool.map(unlink, doomed):
+                if size >= 0:
+                    deleted_blocks += 1
+                    deleted_bytes += size
+        return EmptyTrashStats(deleted_blocks, deleted_bytes, remaining_blocks, remaining_bytes)
+
+    def _sweep_temporary(self) -> int:
+        """Delete temp files left by writers that died: older than this process and not flock()ed by anyone."""
+        removed = 0
+        for sub in self._hex_subdirs():
+            try:
+                names = os.listdir(f"{self.root}/{sub}")
+            except OSError:
+                continue
+            for name in names:
+                if not _TEMP_RE.fullmatch(name):
+                    continue
+                path = f"{self.root}/{sub}/{name}"
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                except OSError:
+                    continue
+                try:
+                    if os.fstat(fd).st_mtime_ns >= self._started_ns:
+                        continue
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue  # a live writer holds it
+                    os.unlink(path)
+                    removed += 1
+                except OSError:
+                    continue
+                finally:
+                    os.close(fd)
+        return removed
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _device_id(root: str) -> str:
+    """``<filesystem UUID><path inside that filesystem>`` as Arvados computes it, else ``<hostname>:<root>``."""
+    try:
+        real = os.path.realpath(root)
+        dev = os.stat(real).st_dev
+        best: tuple[str, str] | None = None  # (mount point, root of the mount inside its filesystem)
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                major, minor = (int(x) for x in fields[2].split(":"))
+                if os.makedev(major, minor) != dev:
+                    continue
+                mount_root, mount_point = _unescape(fields[3]), _unescape(fields[4])
+                if (real == mount_point or real.startswith(mount_point.rstrip("/") + "/")) and (
+                    best is None or len(mount_point) > len(best[0])
+                ):
+                    best = (mount_point, mount_root)
+        by_uuid = "/dev/disk/by-uuid"
+        if best is not None and os.path.isdir(by_uuid):
+            for uuid in os.listdir(by_uuid):
+                try:
+                    if os.stat(f"{by_uuid}/{uuid}").st_rdev == dev:
+                        inside = os.path.join(best[1], os.path.relpath(real, best[0]))
+                        return uuid + os.path.normpath(inside).rstrip(".")
+                except OSError:
+                    continue
+    except (OSError, ValueError, IndexError):
+        pass
+    return f"{socket.gethostname()}:{root}"
+
+
+def _unescape(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
