@@ -24,7 +24,7 @@ async def run_blocking(
     if kwargs:
         fut = loop.run_in_executor(executor, lambda: fn(*args, **kwargs))
     else:
-        fut = loop.run_in_executor(executor, fn, *args)  # type: ignore[arg-type]
+        fut = loop.run_in_executor(executor, fn, *args)
     try:
         return await asyncio.shield(fut)
     except asyncio.CancelledError:

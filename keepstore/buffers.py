@@ -28,7 +28,7 @@ from .locator import BLOCK_SIZE
 class Buffer:
     """One pooled block buffer. ``view`` is a writable memoryview of the whole capacity."""
 
-    __slots__ = ("_mmap", "view", "capacity")
+    __slots__ = ("_mmap", "capacity", "view")
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity

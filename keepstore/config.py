@@ -328,7 +328,7 @@ def from_document(doc: Any, source: str, env: Mapping[str, str]) -> Config:
         request_timeout=api.duration("RequestTimeout", 300.0),
         blob_signing=blob_signing,
         blob_signing_key=blob_signing_key,
-        blob_signing_ttl=int(math.floor(ttl)),
+        blob_signing_ttl=math.floor(ttl),
         blob_trash=coll.boolean("BlobTrash", True),
         blob_trash_lifetime=coll.duration("BlobTrashLifetime", 336 * 3600.0),
         blob_trash_check_interval=coll.duration("BlobTrashCheckInterval", 24 * 3600.0),
@@ -381,7 +381,7 @@ def _check_url(url: str, path: str) -> None:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(path, f"must be an http:// or https:// URL with a host, not {url!r}")
     try:
-        parts.port
+        _ = parts.port
     except ValueError:
         raise ConfigError(path, f"invalid port in {url!r}") from None
 
@@ -427,11 +427,11 @@ def _volumes(r: _Reader, internal_url: str, classes: Mapping[str, StorageClass])
         if not driver:
             raise ConfigError(f"{v.path}.Driver", "required (Directory or S3)")
         params = v.sub("DriverParameters")
-        classes = v.sub("StorageClasses")
-        names = tuple(sorted(str(k) for k, on in classes.data.items() if on is True))
-        for k, on in classes.data.items():
+        vol_classes = v.sub("StorageClasses")
+        names = tuple(sorted(str(k) for k, on in vol_classes.data.items() if on is True))
+        for k, on in vol_classes.data.items():
             if not isinstance(on, bool):
-                raise ConfigError(f"{classes.path}.{k}", "must be true or false")
+                raise ConfigError(f"{vol_classes.path}.{k}", "must be true or false")
         out.append(
             VolumeSpec(
                 uuid=uuid,
@@ -441,7 +441,7 @@ def _volumes(r: _Reader, internal_url: str, classes: Mapping[str, StorageClass])
                 read_only=v.boolean("ReadOnly", False),
                 allow_trash_when_read_only=v.boolean("AllowTrashWhenReadOnly", False),
                 replication=max(1, v.integer("Replication", 1)),
-                storage_classes=names if classes.data else ("default",),
+                storage_classes=names if vol_classes.data else ("default",),
                 host_read_only=host_read_only,
                 priority=max([0] + [classes[n].priority for n in names if n in classes]),
             )

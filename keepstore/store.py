@@ -10,8 +10,9 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from .config import Config, VolumeSpec
 from .errors import (
@@ -189,8 +190,8 @@ class Store:
         except KeepError as exc:
             log.error("quarantine failed", extra={"fields": {"hash": hash, "mount": mnt.uuid, "error": str(exc)}})
 
-    def _spawn(self, coro: object) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 

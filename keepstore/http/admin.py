@@ -45,19 +45,19 @@ async def index(call: Call, match: re.Match[str]) -> web.StreamResponse:
             if len(lines) >= INDEX_FLUSH_LINES:
                 if not resp.prepared:
                     await call.prepare(resp)
-                await resp.write("".join(lines).encode())
+                await call.write(resp, "".join(lines).encode())
                 lines.clear()
     except KeepError as exc:
         if not resp.prepared:
             raise  # nothing sent yet: a proper error status is still possible
         # Too late for a status: end the body without the blank line, which tells the client it is incomplete.
         log.error("index failed mid-stream", extra={"fields": {"RequestID": call.request_id, "error": str(exc)}})
-        await resp.write("".join(lines).encode())
+        await call.write(resp, "".join(lines).encode())
         return resp
     if not resp.prepared:
         await call.prepare(resp)
     lines.append("\n")
-    await resp.write("".join(lines).encode())
+    await call.write(resp, "".join(lines).encode())
     return resp
 
 

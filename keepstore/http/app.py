@@ -61,6 +61,7 @@ class Call:
     status_time: float | None = None
     fields: dict[str, object] = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)  # set on whatever response goes out, errors included
+    sent: int = 0  # body bytes written to a streamed response
 
     def decorate(self, resp: web.StreamResponse) -> None:
         resp.headers["X-Request-Id"] = self.request_id
@@ -73,6 +74,10 @@ class Call:
         self.decorate(resp)
         self.status_time = time.monotonic()
         await resp.prepare(self.request)
+
+    async def write(self, resp: web.StreamResponse, data: bytes | memoryview) -> None:
+        await resp.write(data)
+        self.sent += len(data)
 
 
 Handler = Callable[[Call, "re.Match[str]"], Awaitable[web.StreamResponse]]
@@ -214,7 +219,7 @@ class KeepHTTP:
         fields.update(
             respStatusCode=status,
             respStatus=_REASONS.get(status, ""),
-            respBytes=(resp.body_length if resp is not None and resp.prepared else 0),
+            respBytes=_body_bytes(call, resp),
             timeTotal=round(now - call.started, 6),
             timeToStatus=round(to_status, 6),
             timeWriteBody=round(now - call.started - to_status, 6),
@@ -225,8 +230,13 @@ class KeepHTTP:
         log.info("response", extra={"fields": fields})
 
 
-_EMPTY_MATCH = re.fullmatch("", "")
-assert _EMPTY_MATCH is not None
+def _body_bytes(call: Call, resp: web.StreamResponse | None) -> int:
+    if isinstance(resp, web.Response):
+        return len(resp.body) if isinstance(resp.body, bytes) else 0
+    return call.sent
+
+
+_EMPTY_MATCH: re.Match[str] = re.match("", "")  # type: ignore[assignment]  # always matches
 
 _REASONS = {
     200: "OK",

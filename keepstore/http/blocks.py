@@ -67,7 +67,7 @@ async def read(call: Call, match: re.Match[str]) -> web.StreamResponse:
             for pos in range(0, size, SEND_CHUNK):
                 # The default event loop's transport copies what it cannot send at once, so the buffer may be
                 # reused as soon as the last write returns.
-                await resp.write(view[pos : min(size, pos + SEND_CHUNK)])
+                await call.write(resp, view[pos : min(size, pos + SEND_CHUNK)])
         await resp.write_eof()
     return resp
 
@@ -77,8 +77,8 @@ async def write(call: Call, match: re.Match[str]) -> web.StreamResponse:
     request = call.request
     declared = request.content_length
     if declared is not None and declared > BLOCK_SIZE:
-        # Deliberate difference 1: refuse before reading (and close, so the body is not read either).
-        request.protocol.force_close()
+        # Deliberate difference 1: refuse before reading the body. aiohttp then discards what the client still
+        # sends for at most its lingering time (10 s) so that the client gets to read the 413, and closes.
         raise TooLarge()
     classes = [c.strip() for c in request.headers.get("X-Keep-Storage-Classes", "").split(",") if c.strip()]
     async with svc.pool.buffer() as buf:
@@ -123,7 +123,6 @@ async def _receive(call: Call, view: memoryview) -> tuple[int, str]:
                 break
             end = filled + len(chunk)
             if end > BLOCK_SIZE:
-                call.request.protocol.force_close()
                 raise TooLarge()
             view[filled:end] = chunk
             filled = end

@@ -33,5 +33,5 @@ STATUS: dict[type[e.KeepError], int] = {
 def status_of(exc: e.KeepError) -> int:
     for cls in type(exc).__mro__:
         if cls in STATUS:
-            return STATUS[cls]  # type: ignore[index]
+            return STATUS[cls]
     return 500

@@ -68,7 +68,7 @@ class KeepRequestHandler(RequestHandler):
                 auto_decompress=False,
             )
 
-        self._parser = _FallbackParser(self, primary, make_fallback)
+        self._parser = _FallbackParser(self, primary, make_fallback)  # type: ignore[assignment]
 
     def at_request_boundary(self) -> bool:
         """True when no request is partly received: queued requests are complete and the current body is read."""

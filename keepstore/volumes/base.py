@@ -84,10 +84,10 @@ class Volume(ABC):
     def device_id(self) -> str:
         """Identifies the backing store: equal across keepstore servers that share it (keep-balance dedupes on it)."""
 
-    async def start(self) -> None:
+    async def start(self) -> None:  # noqa: B027 (optional hook)
         """Prepare for service (e.g. start background housekeeping). Called once before any other method."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 (optional hook)
         """Release resources. Waits for in-flight operations to finish."""
 
     @abstractmethod

@@ -1,0 +1,218 @@
+"""PUT /<hash>: SPEC §2.6 and §11 items 1–12, 20–22, against a real keepstore process."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import time
+
+from keeptest import (
+    ROOT_TOKEN,
+    SIGNING_KEY,
+    TTL,
+    USER_TOKEN,
+    KeepServer,
+    md5,
+    raw_exchange,
+    stored_files,
+    temp_files,
+    vol_uuid,
+)
+
+from keepstore.signing import Signer
+
+LOC_RE = re.compile(r"([0-9a-f]{32})\+(\d+)\+A([0-9a-f]{40})@([0-9a-f]{8})\n")
+
+
+def nothing_stored(srv: KeepServer) -> bool:
+    return all(not stored_files(srv.volume_root(i)) and not temp_files(srv.volume_root(i)) for i in range(2))
+
+
+def test_put_returns_signed_locator(server: KeepServer) -> None:  # item 1
+    r = server.put(b"foo")
+    assert r.status == 200
+    m = LOC_RE.fullmatch(r.text)
+    assert m, r.text
+    assert m.group(1) == md5(b"foo") and m.group(2) == "3"
+    expiry = int(m.group(4), 16)
+    assert abs(expiry - (time.time() + TTL)) < 60
+    Signer(SIGNING_KEY.encode(), TTL).verify(r.text.strip(), USER_TOKEN)
+
+
+def test_put_without_token_is_unsigned(server: KeepServer) -> None:  # item 2
+    r = server.put(b"foo", token=None)
+    assert r.status == 200
+    assert r.text == f"{md5(b'foo')}+3\n"
+
+
+def test_put_hash_mismatch(server: KeepServer) -> None:  # item 3
+    r = server.put(b"foo", path=f"/{md5(b'bar')}")
+    assert r.status == 400
+    assert r.text == f"content hash {md5(b'foo')} did not match specified locator {md5(b'bar')}\n"
+    assert nothing_stored(server)
+    assert server.index_hashes() == []
+
+
+def test_put_with_size_hint_in_path(server: KeepServer) -> None:  # item 4 (and Q3: the path is a prefix match)
+    assert server.put(b"foo", path=f"/{md5(b'foo')}+3").status == 200
+    assert server.put(b"bar", path=f"/{md5(b'bar')}+3+Zxyz").status == 200
+
+
+def test_put_replica_headers(server: KeepServer) -> None:  # items 5, 6
+    r = server.put(b"foo", headers={"X-Keep-Desired-Replicas": "2"})
+    assert r.status == 200
+    assert r.header("X-Keep-Replicas-Stored") == "1"
+    assert r.header("X-Keep-Storage-Classes-Confirmed") == "default=1"
+
+
+def test_put_empty_block(server: KeepServer) -> None:  # item 7
+    r = server.put(b"")
+    assert r.status == 200
+    assert r.text.startswith("d41d8cd98f00b204e9800998ecf8427e+0+A")
+    r = server.get(r.text.strip())
+    assert r.status == 200 and r.body == b""
+
+
+def test_put_64mib_limit(server: KeepServer) -> None:  # item 8, deliberate difference 1
+    big = os.urandom(1 << 20) * 64
+    assert len(big) == 67108864
+    r = server.put(big)
+    assert r.status == 200, r.text
+    assert server.get(r.text.strip()).body == big
+    too_big = big + b"x"
+    r = server.put(too_big)
+    assert r.status == 413
+    assert r.text == "request entity too large\n"
+    assert md5(too_big) not in server.index_hashes()
+
+
+def test_put_oversize_rejected_before_body(server: KeepServer) -> None:
+    # Content-Length above 64 MiB is refused at once: the server answers without waiting for the body.
+    head = (
+        f"PUT /{md5(b'x')} HTTP/1.1\r\nHost: x\r\nContent-Length: {67108865}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+        s.sendall(head + b"x" * 1000)
+        out = s.recv(4096)  # arrives although the body is far from complete
+    assert out.startswith(b"HTTP/1.1 413 "), out[:200]
+    assert out.endswith(b"request entity too large\n")
+    assert nothing_stored(server)
+
+
+def test_put_chunked_oversize(server: KeepServer) -> None:
+    chunk = b"y" * (1 << 20)
+
+    def body():  # chunked: no Content-Length, 65 MiB in total
+        for _ in range(65):
+            yield chunk
+
+    r = server.req("PUT", f"/{md5(chunk * 65)}", body=body())
+    assert r.status == 413
+    assert nothing_stored(server)
+
+
+def test_put_chunked(server: KeepServer) -> None:  # item 9
+    data = os.urandom(300_000)
+
+    def body():
+        for i in range(0, len(data), 70_000):
+            yield data[i : i + 70_000]
+
+    r = server.req("PUT", f"/{md5(data)}", body=body(), token=USER_TOKEN)
+    assert r.status == 200, r.text
+    assert server.get(r.text.strip()).body == data
+
+
+def test_put_expect_100_continue(server: KeepServer) -> None:  # item 10
+    data = os.urandom(2 << 20)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(
+            f"PUT /{md5(data)} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n"
+            f"Expect: 100-continue\r\nAuthorization: Bearer {USER_TOKEN}\r\n\r\n".encode()
+        )
+        interim = s.recv(100)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        s.sendall(data)
+        out = b""
+        while b"\r\n\r\n" not in out or not out.endswith(b"\n"):
+            out += s.recv(4096)
+    assert out.startswith(b"HTTP/1.1 200 OK")
+
+
+def test_put_twice_touches(server: KeepServer) -> None:  # item 11
+    assert server.put(b"foo").status == 200
+    line1 = server.index().text.splitlines()[0]
+    time.sleep(0.01)
+    assert server.put(b"foo").status == 200
+    lines = [line for line in server.index().text.splitlines() if line]
+    assert len(lines) == 1  # stored once
+    assert int(lines[0].split()[1]) > int(line1.split()[1])
+
+
+def test_put_hash_collision(server: KeepServer) -> None:  # item 12
+    h = md5(b"foo")
+    assert server.put(b"foo").status == 200
+    path = next(p for i in range(2) for hh, p in stored_files(server.volume_root(i)).items() if hh == h)
+    path.write_bytes(b"bar")
+    r = server.put(b"foo")
+    assert r.status == 500
+    assert r.text == "hash collision\n"
+    assert path.read_bytes() == b"bar"  # nothing overwritten
+
+
+def test_put_double_slash_is_bad_request(server: KeepServer) -> None:  # item 20
+    r = server.put(b"foo", path=f"//{md5(b'foo')}")
+    assert r.status == 400
+    assert r.text == "Bad Request\n"
+    assert nothing_stored(server)
+
+
+def test_put_lands_on_first_rendezvous_volume(server: KeepServer) -> None:  # item 21
+    assert server.put(b"bar").status == 200
+    assert server.index_hashes(f"/mounts/{vol_uuid(0)}/blocks") == [md5(b"bar")]
+    assert server.index_hashes(f"/mounts/{vol_uuid(1)}/blocks") == []
+
+
+def test_request_id(server: KeepServer) -> None:  # item 22
+    assert server.put(b"foo", headers={"X-Request-Id": "abc"}).header("X-Request-Id") == "abc"
+    rid = server.put(b"foo").header("X-Request-Id")
+    assert rid is not None and re.fullmatch(r"req-[0-9a-z]{20}", rid)
+
+
+def test_wrong_content_length_short(server: KeepServer) -> None:
+    # Declared length shorter than the body: the server hashes what was declared, which does not match.
+    data = b"hello world"
+    r = server.req("PUT", f"/{md5(data)}", body=data[:5], headers={"Content-Length": "5"})
+    assert r.status == 400
+    assert r.text.startswith("content hash ")
+    assert nothing_stored(server)
+
+
+def test_wrong_content_length_long_then_close(server: KeepServer) -> None:
+    # Declared length longer than what arrives before the client closes: nothing is stored.
+    data = b"hello world"
+    head = f"PUT /{md5(data)} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data) + 10}\r\n\r\n".encode()
+    raw_exchange(server.port, head + data, timeout=3, shutdown=True)
+    time.sleep(0.3)
+    assert nothing_stored(server)
+
+
+def test_put_bad_chunked_encoding(server: KeepServer) -> None:
+    head = f"PUT /{md5(b'abc')} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+    out = raw_exchange(server.port, head + b"zz\r\nabc\r\n0\r\n\r\n", timeout=5)
+    # Broken framing is rejected by the HTTP parser itself (it answers 400 and closes).
+    assert re.match(rb"HTTP/1\.[01] 400 ", out), out[:200]
+    assert nothing_stored(server)
+
+
+def test_put_bad_locators(server: KeepServer) -> None:
+    for path in ["/" + md5(b"foo")[:31], "/" + md5(b"foo").upper(), "/xyz", "/"]:
+        r = server.put(b"foo", path=path)
+        assert r.status == 400, path
+        assert r.text == "Bad Request\n"
+    assert nothing_stored(server)
+
+
+def test_admin_root_token_is_not_needed_for_put(server: KeepServer) -> None:
+    assert server.put(b"foo", token=ROOT_TOKEN).status == 200

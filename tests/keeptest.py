@@ -1,0 +1,289 @@
+"""Test support: real keepstore processes on 127.0.0.1 and a plain HTTP client that sends exactly what it is told.
+
+``http.client`` is used on purpose: it neither normalises paths (``//<loc>``, ``/../x`` go out as written) nor
+refuses custom methods (``TOUCH``, ``PROPFIND``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from keepstore.signing import Signer
+
+ROOT_TOKEN = "roottoken0123456789abcdefghijklmnopqrstuvwxyz0123"
+MGMT_TOKEN = "mgmttoken0123456789abcdefghijklmnopqrstuvwxyz0123"
+SIGNING_KEY = "signingkey0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdef"
+USER_TOKEN = "usertoken0123456789abcdefghijklmnopqrstuvwxyz0123"
+TTL = 1209600
+CLUSTER = "zzzzz"
+LOG_DIR = Path(__file__).parent / ".logs"
+
+
+def md5(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+def vol_uuid(n: int) -> str:
+    return f"{CLUSTER}-nyw5e-{str(n) * 15}"[:27] if n < 10 else f"{CLUSTER}-nyw5e-{n:015d}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Response:
+    status: int
+    headers: http.client.HTTPMessage
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name)
+
+    @property
+    def text(self) -> str:
+        return self.body.decode()
+
+
+def request(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | Iterable[bytes] | None = None,
+    headers: Mapping[str, str] | None = None,
+    token: str | None = None,
+    timeout: float = 60,
+) -> Response:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        h = dict(headers or {})
+        if token is not None:
+            h["Authorization"] = f"Bearer {token}"
+        conn.request(method, path, body=body, headers=h)
+        resp = conn.getresponse()
+        data = resp.read()
+        return Response(resp.status, resp.headers, data)
+    finally:
+        conn.close()
+
+
+def raw_exchange(port: int, data: bytes, timeout: float = 10, shutdown: bool = False) -> bytes:
+    """Send raw bytes, return everything the server sends until it closes (or the timeout passes)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        if shutdown:
+            s.shutdown(socket.SHUT_WR)
+        out = b""
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+        except (TimeoutError, ConnectionResetError):
+            pass
+        return out
+
+
+def cluster_config(
+    port: int,
+    volumes: list[dict[str, Any]],
+    *,
+    storage_classes: dict[str, Any] | None = None,
+    api: dict[str, Any] | None = None,
+    collections: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    cluster: dict[str, Any] = {
+        "SystemRootToken": ROOT_TOKEN,
+        "ManagementToken": MGMT_TOKEN,
+        "Services": {"Keepstore": {"InternalURLs": {f"http://127.0.0.1:{port}": {}}}},
+        "API": {"MaxKeepBlobBuffers": 16, "MaxConcurrentRequests": 64, **(api or {})},
+        "Collections": {
+            "BlobSigning": True,
+            "BlobSigningKey": SIGNING_KEY,
+            "BlobSigningTTL": f"{TTL}s",
+            **(collections or {}),
+        },
+        "Volumes": {v.pop("uuid"): v for v in volumes},
+        "SystemLogs": {"Format": "json", "LogLevel": "info"},
+    }
+    if storage_classes:
+        cluster["StorageClasses"] = storage_classes
+    if extra:
+        cluster.update(extra)
+    return {"Clusters": {CLUSTER: cluster}}
+
+
+def directory_volume(root: Path, n: int, **kw: Any) -> dict[str, Any]:
+    root.mkdir(parents=True, exist_ok=True)
+    return {"uuid": vol_uuid(n), "Driver": "Directory", "DriverParameters": {"Root": str(root)}, **kw}
+
+
+@dataclass
+class KeepServer:
+    """A real ``keepstore`` process started from a generated cluster config."""
+
+    workdir: Path
+    port: int
+    config: dict[str, Any]
+    name: str = "keepstore"
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path = field(default_factory=Path)
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def config_path(self) -> Path:
+        return self.workdir / f"{self.name}.yml"
+
+    def volume_root(self, n: int) -> Path:
+        cluster = self.config["Clusters"][CLUSTER]
+        return Path(cluster["Volumes"][vol_uuid(n)]["DriverParameters"]["Root"])
+
+    def start(self, wait: bool = True) -> KeepServer:
+        self.config_path.write_text(yaml.safe_dump(self.config))
+        LOG_DIR.mkdir(exist_ok=True)
+        self.log_path = self.workdir / f"{self.name}.log"
+        log = open(self.log_path, "ab")
+        env = dict(os.environ, **self.env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "keepstore", "--config", str(self.config_path)],
+            stdout=log,
+            stderr=log,
+            env=env,
+            cwd=self.workdir,
+        )
+        log.close()
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"keepstore exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"keepstore did not start listening:\n{self.log_text()[-3000:]}")
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log_text().splitlines():
+            line = line.strip()
+            if line.startswith("{"):
+                out.append(json.loads(line))
+        return out
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self.proc = None
+        return code
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def restart(self) -> KeepServer:
+        self.stop()
+        return self.start()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    # --- HTTP helpers --------------------------------------------------------------------------------------------
+
+    def req(self, method: str, path: str, **kw: Any) -> Response:
+        return request(self.port, method, path, **kw)
+
+    def put(self, data: bytes, token: str | None = USER_TOKEN, path: str | None = None, **kw: Any) -> Response:
+        return self.req("PUT", path or f"/{md5(data)}", body=data, token=token, **kw)
+
+    def get(self, locator: str, token: str | None = USER_TOKEN, **kw: Any) -> Response:
+        return self.req("GET", f"/{locator}", token=token, **kw)
+
+    def head(self, locator: str, token: str | None = USER_TOKEN, **kw: Any) -> Response:
+        return self.req("HEAD", f"/{locator}", token=token, **kw)
+
+    def index(self, path: str = "/index", token: str = ROOT_TOKEN) -> Response:
+        return self.req("GET", path, token=token)
+
+    def index_hashes(self, path: str = "/index") -> list[str]:
+        r = self.index(path)
+        assert r.status == 200, r
+        assert r.body.endswith(b"\n")
+        return [line.split(" ")[0].split("+")[0] for line in r.text.splitlines() if line]
+
+    def metrics(self) -> str:
+        r = self.req("GET", "/metrics", token=MGMT_TOKEN)
+        assert r.status == 200, r
+        return r.text
+
+    def status_json(self) -> dict[str, Any]:
+        r = self.req("GET", "/status.json", token=MGMT_TOKEN)
+        assert r.status == 200, r
+        return json.loads(r.body)  # type: ignore[no-any-return]
+
+
+def sign(
+    locator: str, token: str = USER_TOKEN, key: str = SIGNING_KEY, ttl: int = TTL, expiry: int | None = None
+) -> str:
+    return Signer(key.encode(), ttl).sign(locator, token, expiry)
+
+
+def stored_files(root: Path) -> dict[str, Path]:
+    """hash -> path of every live block file under a Directory volume root."""
+    out = {}
+    for sub in root.iterdir():
+        if sub.is_dir() and len(sub.name) == 3:
+            for f in sub.iterdir():
+                if len(f.name) == 32:
+                    out[f.name] = f
+    return out
+
+
+def temp_files(root: Path) -> list[Path]:
+    return [f for sub in root.iterdir() if sub.is_dir() for f in sub.iterdir() if f.name.startswith("tmp")]
+
+
+def peak_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmHWM")
