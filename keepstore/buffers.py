@@ -82,7 +82,7 @@ class BufferPool:
             if fut.done() and not fut.cancelled():
                 # We were handed a buffer in the same tick we were cancelled: pass it on.
                 self.release(fut.result())
-            else:
+            elif fut in self._waiters:  # release() may already have dropped our cancelled future
                 self._waiters.remove(fut)
             raise
         finally:

@@ -425,7 +425,7 @@ def _volumes(r: _Reader, internal_url: str, classes: Mapping[str, StorageClass])
             host_read_only = hosts.sub(internal_url).boolean("ReadOnly", False)
         driver = v.string("Driver")
         if not driver:
-            raise ConfigError(f"{v.path}.Driver", "required (Directory or S3)")
+            raise ConfigError(f"{v.path}.Driver", "required (e.g. Directory)")
         params = v.sub("DriverParameters")
         vol_classes = v.sub("StorageClasses")
         names = tuple(sorted(str(k) for k, on in vol_classes.data.items() if on is True))

@@ -14,7 +14,7 @@ import string
 from dataclasses import dataclass
 from typing import Any
 
-from .config import Config, from_document
+from .config import Config, ConfigError, from_document
 
 CLUSTER_ID = "zzzzz"
 VOLUME_UUID = f"{CLUSTER_ID}-nyw5e-000000000000000"
@@ -38,11 +38,14 @@ def load_or_create_secrets(data_dir: str) -> Secrets:
     try:
         with open(path, encoding="utf-8") as f:
             doc = json.load(f)
-        return Secrets(
-            doc["SystemRootToken"], doc["ManagementToken"], doc["BlobSigningKey"], doc["ClientToken"]
-        )
+        values = [doc[k] for k in ("SystemRootToken", "ManagementToken", "BlobSigningKey", "ClientToken")]
+        if not all(isinstance(v, str) and v for v in values):
+            raise ValueError("empty or non-string value")
+        return Secrets(*values)
     except FileNotFoundError:
         pass
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(path, f"unreadable secrets file ({exc}); fix or delete it to generate new secrets") from None
     s = Secrets(_random(50), _random(50), _random(64), _random(50))
     os.makedirs(data_dir, mode=0o700, exist_ok=True)
     tmp = path + ".tmp"

@@ -46,10 +46,11 @@ class _Formatter(logging.Formatter):
         fields: dict[str, Any] = dict(self.static)
         fields.update(getattr(record, "fields", {}) or {})
         fields["level"] = _LEVEL_NAMES.get(record.levelno, "info")
-        fields["msg"] = record.getMessage()
+        # Redacted here too, not only by callers: aiohttp's own messages can quote a request line.
+        fields["msg"] = redact(record.getMessage())
         fields["time"] = _timestamp(record.created)
         if record.exc_info:
-            fields["error"] = self.formatException(record.exc_info)
+            fields["error"] = redact(self.formatException(record.exc_info))
         if self.json:
             return json.dumps(fields, sort_keys=True, default=str)
         head = f'time="{fields.pop("time")}" level={fields.pop("level")} msg={json.dumps(fields.pop("msg"))}'

@@ -22,6 +22,7 @@ async def serve(config: Config, on_ready: Callable[[], None] | None = None) -> N
     service = Service.build(config)
     await service.start()
     http = KeepHTTP(service)
+    service.http = http
     server = KeepServer(http.handle, handler_cancellation=True, auto_decompress=False)
     runner = web.ServerRunner(server, shutdown_timeout=config.drain_timeout, handle_signals=False)
     await runner.setup()

@@ -5,13 +5,19 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from .buffers import BufferPool
 from .config import Config
 from .limiter import RequestLimiter
+from .metrics import Metrics
 from .signing import Signer
 from .store import Mount, Store
 from .volumes import open_volume
+from .workers.queue import WorkQueue
+
+if TYPE_CHECKING:
+    from .http.app import KeepHTTP
 
 log = logging.getLogger("keepstore")
 
@@ -23,7 +29,17 @@ class Service:
     pool: BufferPool
     limiter: RequestLimiter
     signer: Signer | None
+    pull_queue: WorkQueue[Any] = field(default_factory=WorkQueue)
+    trash_queue: WorkQueue[Any] = field(default_factory=WorkQueue)
+    pull_outcomes: dict[str, int] = field(default_factory=dict)
+    trash_outcomes: dict[str, int] = field(default_factory=dict)
+    sweep_totals: dict[str, int] = field(default_factory=lambda: {"blocks": 0, "bytes": 0})
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    http: KeepHTTP | None = None  # set by the server, for /_inspect/requests
+
+    def __post_init__(self) -> None:
+        self.metrics = Metrics(self)
 
     @classmethod
     def build(cls, config: Config) -> Service:

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -9,9 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from keeptest import KeepServer, cluster_config, directory_volume, free_port
-
-ServerFactory = Callable[..., KeepServer]
+from keeptest import KeepServer, ServerFactory, cluster_config, directory_volume, free_port
 
 
 @pytest.fixture

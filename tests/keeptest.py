@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -261,6 +261,9 @@ class KeepServer:
         return json.loads(r.body)  # type: ignore[no-any-return]
 
 
+ServerFactory = Callable[..., "KeepServer"]
+
+
 def sign(
     locator: str, token: str = USER_TOKEN, key: str = SIGNING_KEY, ttl: int = TTL, expiry: int | None = None
 ) -> str:
@@ -287,3 +290,60 @@ def peak_rss_kib(pid: int) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1])
     raise RuntimeError("no VmHWM")
+
+
+class InProcessServer:
+    """A keepstore server running in this process, on its own event loop thread, on 127.0.0.1.
+
+    For the few tests that must control something outside keepstore's reach (a slow disk): they swap a volume
+    for a subclass before serving. Everything else is the real service and HTTP stack.
+    """
+
+    def __init__(self, doc: dict[str, Any], patch: Any = None) -> None:
+        import asyncio
+        import threading
+
+        from keepstore.config import from_document
+        from keepstore.http.app import KeepHTTP
+        from keepstore.http.protocol import KeepServer as LowLevelServer
+        from keepstore.service import Service
+
+        self.config = from_document(doc, source="<test>", env={})
+        self.port = self.config.listen_port
+        self.loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+
+        async def main() -> None:
+            from aiohttp import web
+
+            service = Service.build(self.config)
+            if patch is not None:
+                patch(service)
+            await service.start()
+            http = KeepHTTP(service)
+            service.http = http
+            server = LowLevelServer(http.handle, handler_cancellation=True, auto_decompress=False)
+            self.runner = web.ServerRunner(server, shutdown_timeout=5)
+            await self.runner.setup()
+            await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+            self.service = service
+            self._ready.set()
+
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(main(), self.loop).result(20)
+
+    def req(self, method: str, path: str, **kw: Any) -> Response:
+        return request(self.port, method, path, **kw)
+
+    def close(self) -> None:
+        import asyncio
+
+        async def stop() -> None:
+            await self.runner.cleanup()
+            await self.service.close()
+
+        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()

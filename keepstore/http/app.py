@@ -228,6 +228,7 @@ class KeepHTTP:
             body = resp.body if isinstance(resp.body, bytes) else b""
             fields["respBody"] = redact(body[:512].decode("utf-8", "replace"))
         log.info("response", extra={"fields": fields})
+        self.service.metrics.observe(call.request.method, status, now - call.started, to_status)
 
 
 def _body_bytes(call: Call, resp: web.StreamResponse | None) -> int:

@@ -8,12 +8,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ServerFactory
 from keeptest import (
     MGMT_TOKEN,
     ROOT_TOKEN,
     USER_TOKEN,
     KeepServer,
+    ServerFactory,
     directory_volume,
     md5,
     sign,

@@ -8,8 +8,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from conftest import ServerFactory
-from keeptest import KeepServer, md5, request, sign, stored_files, temp_files
+from keeptest import KeepServer, ServerFactory, md5, request, sign, stored_files, temp_files
 
 WRITERS = 20
 

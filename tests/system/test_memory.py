@@ -7,8 +7,7 @@ import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
-from conftest import ServerFactory
-from keeptest import USER_TOKEN, peak_rss_kib, request, sign
+from keeptest import USER_TOKEN, ServerFactory, peak_rss_kib, request, sign
 
 MIB = 1 << 20
 BLOCK = 64 * MIB

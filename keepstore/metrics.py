@@ -1,0 +1,163 @@
+"""Prometheus metrics with the Arvados names (SPEC §7.1), so existing keepstore dashboards keep working.
+
+Gauges and counters that mirror live state (buffer pool, queues, per-volume counters, limiter) are read from the
+service when scraped, so nothing on the request path updates them. Request durations are prometheus-client
+summaries. The text exposition is written here rather than by prometheus-client, whose counters are always renamed
+with a ``_total`` suffix: the Go keepstore exposes ``arvados_keepstore_volume_operations``, not ``..._total``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Summary
+from prometheus_client.metrics_core import Metric
+
+from . import __version__
+
+if TYPE_CHECKING:
+    from .service import Service
+
+
+def _family(name: str, doc: str, kind: str, samples: Iterable[tuple[dict[str, str], float]]) -> Metric:
+    m = Metric(name, doc, kind)
+    for labels, value in samples:
+        m.add_sample(name, labels, value)
+    return m
+
+
+class _ServiceCollector:
+    def __init__(self, service: Service) -> None:
+        self.service = service
+
+    def collect(self) -> Iterator[Metric]:
+        svc = self.service
+        pool = svc.pool.status()
+        yield _family("arvados_keepstore_bufferpool_allocated_bytes", "Number of bytes allocated to buffers",
+                      "gauge", [({}, pool.bytes_allocated)])
+        yield _family("arvados_keepstore_bufferpool_max_buffers", "Maximum number of buffers allowed", "gauge",
+                      [({}, pool.max_buffers)])
+        yield _family("arvados_keepstore_bufferpool_inuse_buffers", "Number of buffers in use", "gauge",
+                      [({}, pool.in_use)])
+        for name, queue in (("pull", svc.pull_queue), ("trash", svc.trash_queue)):
+            st = queue.status()
+            yield _family(f"arvados_keepstore_{name}_queue_pending_entries", f"Number of queued {name} requests",
+                          "gauge", [({}, st.queued)])
+            yield _family(f"arvados_keepstore_{name}_queue_inprogress_entries",
+                          f"Number of {name} requests in progress", "gauge", [({}, st.in_progress)])
+        ops, errors, io = [], [], []
+        for mnt in svc.store.mounts:
+            dev = mnt.volume.device_id
+            stats = mnt.volume.stats
+            ops += [({"device_id": dev, "operation": k}, v) for k, v in sorted(stats.ops.items())]
+            errors += [({"device_id": dev, "error_type": k}, v) for k, v in sorted(stats.errors.items())]
+            io += [({"device_id": dev, "direction": "in"}, stats.in_bytes),
+                   ({"device_id": dev, "direction": "out"}, stats.out_bytes)]
+        yield _family("arvados_keepstore_volume_operations", "Number of volume operations", "counter", ops)
+        yield _family("arvados_keepstore_volume_errors", "Number of volume errors", "counter", errors)
+        yield _family("arvados_keepstore_volume_io_bytes", "Volume I/O traffic in bytes", "counter", io)
+        c = svc.store.counters
+        yield _family("arvados_keepstore_checksum_errors", "Stored copies that failed verification on read",
+                      "counter", [({}, c.checksum_errors)])
+        yield _family("arvados_keepstore_quarantined_blocks", "Corrupt copies moved to quarantine", "counter",
+                      [({}, c.quarantined)])
+        yield _family("arvados_keepstore_pull_results", "Pull list items processed, by outcome", "counter",
+                      [({"outcome": k}, v) for k, v in sorted(svc.pull_outcomes.items())])
+        yield _family("arvados_keepstore_trash_results", "Trash list items processed, by outcome", "counter",
+                      [({"outcome": k}, v) for k, v in sorted(svc.trash_outcomes.items())])
+        yield _family("arvados_keepstore_emptytrash_deleted_blocks", "Blocks deleted by the trash sweep", "counter",
+                      [({}, svc.sweep_totals["blocks"])])
+        yield _family("arvados_keepstore_emptytrash_deleted_bytes", "Bytes deleted by the trash sweep", "counter",
+                      [({}, svc.sweep_totals["bytes"])])
+        lim = svc.limiter
+        yield _family("arvados_concurrent_requests", "Number of requests in progress", "gauge",
+                      [({"queue": "api"}, lim.active)])
+        yield _family("arvados_max_concurrent_requests", "Maximum number of concurrent requests", "gauge",
+                      [({"queue": "api"}, lim.max_concurrent)])
+        yield _family("arvados_max_queued_requests", "Maximum number of queued requests", "gauge",
+                      [({"queue": "api"}, lim.max_queued)])
+        yield _family("arvados_queued_requests", "Number of requests in queue", "gauge",
+                      [({"queue": "api", "priority": p}, n) for p, n in lim.queued().items()])
+        yield _family("arvados_version_running", "Indicated version is running", "gauge",
+                      [({"version": __version__}, 1)])
+
+
+class Metrics:
+    def __init__(self, service: Service) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.request_duration = Summary(
+            "request_duration_seconds", "Summary of request duration.", ["code", "method"], registry=self.registry
+        )
+        self.time_to_status = Summary(
+            "time_to_status_seconds", "Summary of request TTFB.", ["code", "method"], registry=self.registry
+        )
+        self.registry.register(_ServiceCollector(service))
+
+    def observe(self, method: str, code: int, total: float, to_status: float) -> None:
+        labels = {"code": str(code), "method": method.lower()}
+        self.request_duration.labels(**labels).observe(total)
+        self.time_to_status.labels(**labels).observe(to_status)
+
+    def families(self) -> list[Metric]:
+        return list(self.registry.collect())
+
+    def text(self) -> str:
+        out: list[str] = []
+        for fam in self.families():
+            out.append(f"# HELP {fam.name} {_escape_help(fam.documentation)}")
+            out.append(f"# TYPE {fam.name} {fam.type}")
+            for s in fam.samples:
+                if s.name.endswith("_created"):
+                    continue
+                out.append(f"{s.name}{_labels(s.labels)} {_number(s.value)}")
+        return "\n".join(out) + "\n"
+
+    def json(self) -> list[dict[str, Any]]:
+        """Metric families in the shape of the protobuf JSON the Go services serve at /metrics.json."""
+        out: list[dict[str, Any]] = []
+        for fam in self.families():
+            metrics: list[dict[str, Any]] = []
+            if fam.type == "summary":
+                series: dict[tuple[tuple[str, str], ...], dict[str, float]] = {}
+                for s in fam.samples:
+                    key = tuple(sorted(s.labels.items()))
+                    if s.name.endswith("_count"):
+                        series.setdefault(key, {})["sample_count"] = s.value
+                    elif s.name.endswith("_sum"):
+                        series.setdefault(key, {})["sample_sum"] = s.value
+                for key, vals in series.items():
+                    metrics.append({"label": [{"name": k, "value": v} for k, v in key], "summary": vals})
+            else:
+                for s in fam.samples:
+                    metrics.append(
+                        {"label": [{"name": k, "value": v} for k, v in sorted(s.labels.items())],
+                         fam.type if fam.type in ("gauge", "counter") else "untyped": {"value": s.value}}
+                    )
+            out.append({"name": fam.name, "help": fam.documentation, "type": fam.type.upper(), "metric": metrics})
+        return out
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", r"\\").replace("\n", r"\n")
+
+
+def _labels(labels: dict[str, str]) -> str:
+    if not labels:
+        return ""
+    inner = ",".join(
+        f'{k}="{v.replace(chr(92), chr(92) * 2).replace(chr(10), chr(92) + "n").replace(chr(34), chr(92) + chr(34))}"'
+        for k, v in sorted(labels.items())
+    )
+    return "{" + inner + "}"
+
+
+def _number(value: float) -> str:
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if math.isnan(value):
+        return "NaN"
+    if float(value).is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return repr(float(value))

@@ -1,0 +1,1 @@
+"""Background workers driven by the data manager's lists: pull (replicate) and trash."""

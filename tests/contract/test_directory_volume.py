@@ -1,0 +1,565 @@
+"""Directory-volume specifics (SPEC §5.5): the on-disk layout shared with the Go keepstore, trash file names,
+EmptyTrash, the temp-file sweep, the ``full`` marker and the quarantine directory."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import hashlib
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from keepstore.config import ConfigError, VolumeSpec
+from keepstore.errors import BlockNotFound, TooLarge, VolumeError, VolumeFull
+from keepstore.locator import BLOCK_SIZE
+from keepstore.volumes import IndexEntry
+from keepstore.volumes.directory import FULL_MARKER_TTL, DirectoryParameters, DirectoryVolume
+
+UUID = "zzzzz-nyw5e-000000000000000"
+HOUR = 3600.0
+
+
+def md5(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+def make_spec(root: Path) -> VolumeSpec:
+    return VolumeSpec(
+        uuid=UUID, driver="Directory", parameters={"Root": str(root)}, key_path=f"Clusters.zzzzz.Volumes.{UUID}"
+    )
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    r = tmp_path / "vol"
+    r.mkdir()
+    return r
+
+
+def run(root: Path, body: Callable[[DirectoryVolume], Awaitable[None]], serialize: bool = False) -> None:
+    async def main() -> None:
+        vol = DirectoryVolume(make_spec(root), DirectoryParameters(root=str(root), serialize=serialize))
+        try:
+            await vol.start()
+            await body(vol)
+        finally:
+            await vol.close()
+
+    asyncio.run(main())
+
+
+async def read(vol: DirectoryVolume, h: str, size: int = 1 << 20) -> bytes:
+    buf = bytearray(size)
+    n = await vol.block_read(h, memoryview(buf))
+    return bytes(buf[:n])
+
+
+async def put(vol: DirectoryVolume, data: bytes) -> str:
+    h = md5(data)
+    await vol.block_write(h, memoryview(data))
+    return h
+
+
+async def index(vol: DirectoryVolume, prefix: str = "") -> dict[str, IndexEntry]:
+    return {e.hash: e async for e in vol.index(prefix)}
+
+
+def place(root: Path, data: bytes, name: str | None = None) -> Path:
+    """Store a file the way the Go keepstore would have: ``<root>/<name[:3]>/<name>``, name defaulting to md5(data)."""
+    h = name or md5(data)
+    d = root / h[:3]
+    d.mkdir(exist_ok=True)
+    p = d / (name or h)
+    p.write_bytes(data)
+    return p
+
+
+def listing(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+# --- layout ------------------------------------------------------------------------------------------------------
+
+
+def test_layout(root: Path) -> None:
+    async def body(vol: DirectoryVolume) -> None:
+        h = await put(vol, b"foo")
+        assert listing(root) == {h[:3], f"{h[:3]}/{h}"}  # no temp file left behind
+        assert (root / h[:3] / h).read_bytes() == b"foo"  # raw bytes, no header
+        assert (root / h[:3]).is_dir()
+        assert (root / h[:3] / h).stat().st_mtime_ns == await vol.mtime(h)
+
+    run(root, body)
+
+
+def test_go_written_blocks_are_served(root: Path) -> None:
+    data = b"written by the Go keepstore"
+    path = place(root, data)
+    os.utime(path, ns=(1_600_000_000_123_456_789, 1_600_000_000_123_456_789))
+    h = md5(data)
+
+    async def body(vol: DirectoryVolume) -> None:
+        assert await read(vol, h) == data
+        assert await vol.mtime(h) == 1_600_000_000_123_456_789  # full nanosecond precision
+        assert await index(vol) == {h: IndexEntry(h, len(data), 1_600_000_000_123_456_789)}
+        await vol.block_trash(h, HOUR, HOUR)  # old enough
+        (only,) = (root / h[:3]).iterdir()
+        assert only.name.startswith(f"{h}.trash.")
+
+    run(root, body)
+
+
+def test_index_skips_junk(root: Path) -> None:
+    good = place(root, b"good")
+    h = md5(b"good")
+    sub = root / h[:3]
+    junk_names = [
+        "xyz",
+        h.upper(),
+        h + "0",
+        h[:31],
+        f"{h}.trash.123",
+        f"tmp{h}abcdef",
+        f"{md5(b'x')[:3]}z{md5(b'x')[4:]}",
+    ]
+    for name in junk_names:
+        (sub / name).write_bytes(b"junk")
+    os.mkdir(sub / md5(b"a directory"))  # a directory named like a hash
+    os.symlink(good, sub / md5(b"a symlink"))  # a symlink named like a hash
+    for d in ("zzz", ".aaa", "quarantine", "ABC"):
+        (root / d).mkdir()
+        (root / d / md5(d.encode())).write_bytes(b"hidden")
+    (root / "abcd.txt").write_bytes(b"junk")
+    os.symlink(str(int(time.time()) - 2 * 3600), root / "full")
+
+    async def body(vol: DirectoryVolume) -> None:
+        assert set(await index(vol)) == {h}
+        assert set(await index(vol, h[:1])) == {h}
+        assert set(await index(vol, h[:5])) == {h}
+        assert await index(vol, "z") == {}
+
+    run(root, body)
+
+
+def test_index_with_prefix_longer_and_shorter_than_subdir(root: Path) -> None:
+    hashes = [md5(str(i).encode()) for i in range(50)]
+    for i in range(50):
+        place(root, str(i).encode())
+
+    async def body(vol: DirectoryVolume) -> None:
+        for prefix in ("", "a", hashes[0][:2], hashes[0][:3], hashes[0][:4], hashes[0]):
+            assert set(await index(vol, prefix)) == {h for h in hashes if h.startswith(prefix)}
+
+    run(root, body)
+
+
+def test_hash_dir_that_is_a_file(root: Path) -> None:
+    h = md5(b"blocked")
+    (root / h[:3]).write_bytes(b"not a directory")
+
+    async def body(vol: DirectoryVolume) -> None:
+        with pytest.raises(BlockNotFound):
+            await read(vol, h)
+        with pytest.raises(BlockNotFound):
+            await vol.mtime(h)
+        with pytest.raises(BlockNotFound):
+            await vol.block_touch(h)
+        with pytest.raises(BlockNotFound):
+            await vol.block_trash(h, 0, HOUR)
+        with pytest.raises(BlockNotFound):
+            await vol.block_untrash(h)
+        with pytest.raises(VolumeError):
+            await vol.block_write(h, memoryview(b"blocked"))
+        assert await index(vol) == {}
+
+    run(root, body)
+
+
+def test_stored_file_larger_than_a_block_is_too_large(root: Path) -> None:
+    h = md5(b"huge")
+    (root / h[:3]).mkdir()
+    with open(root / h[:3] / h, "wb") as f:
+        f.truncate(BLOCK_SIZE + 1)  # sparse
+
+    async def body(vol: DirectoryVolume) -> None:
+        with pytest.raises(TooLarge):
+            await vol.block_read(h, memoryview(bytearray(BLOCK_SIZE + 16)))
+
+    run(root, body)
+
+
+# --- trash files -------------------------------------------------------------------------------------------------
+
+
+def trash_files(root: Path, h: str) -> list[Path]:
+    d = root / h[:3]
+    return sorted(d.glob(f"{h}.trash.*")) if d.is_dir() else []
+
+
+def test_trash_file_name_has_the_deadline(root: Path) -> None:
+    async def body(vol: DirectoryVolume) -> None:
+        h = await put(vol, b"to the trash")
+        before = time.time()
+        await vol.block_trash(h, 0, 7200)
+        after = time.time()
+        (trashed,) = trash_files(root, h)
+        deadline = int(trashed.name.rsplit(".", 1)[1])
+        assert int(before + 7200) <= deadline <= int(after + 7200)
+        assert trashed.name == f"{h}.trash.{deadline}"
+        assert trashed.read_bytes() == b"to the trash"
+        assert not (root / h[:3] / h).exists()
+
+    run(root, body)
+
+
+def test_trash_of_young_block_leaves_file_alone(root: Path) -> None:
+    async def body(vol: DirectoryVolume) -> None:
+        h = await put(vol, b"young")
+        await vol.block_trash(h, HOUR, HOUR)
+        assert (root / h[:3] / h).exists()
+        assert trash_files(root, h) == []
+
+    run(root, body)
+
+
+def test_trash_with_lifetime_zero_unlinks(root: Path) -> None:
+    async def body(vol: DirectoryVolume) -> None:
+        h = await put(vol, b"gone")
+        await vol.block_trash(h, 0, 0)
+        assert listing(root) == {h[:3]}
+
+    run(root, body)
+
+
+def test_touch_does_not_touch_trash(root: Path) -> None:
+    async def body(vol: DirectoryVolume) -> None:
+        h = await put(vol, b"trashed")
+        await vol.block_trash(h, 0, HOUR)
+        (trashed,) = trash_files(root, h)
+        mtime = trashed.stat().st_mtime_ns
+        with pytest.raises(BlockNotFound):
+            await vol.block_touch(h)
+        assert trashed.stat().st_mtime_ns == mtime
+
+    run(root, body)
+
+
+def test_untrash_takes_the_first_trash_file_by_name(root: Path) -> None:
+    h = md5(b"first")
+    place(root, b"first", f"{h}.trash.1000000000")
+    place(root, b"second", f"{h}.trash.2000000000")
+
+    async def body(vol: DirectoryVolume) -> None:
+        await vol.block_untrash(h)
+        assert await read(vol, h) == b"first"
+        assert [p.name for p in trash_files(root, h)] == [f"{h}.trash.2000000000"]
+        await vol.block_untrash(h)
+        assert await read(vol, h) == b"second"
+        with pytest.raises(BlockNotFound):
+            await vol.block_untrash(h)
+
+    run(root, body)
+
+
+def test_empty_trash_after_renaming_deadline(root: Path) -> None:
+    async def body(vol: DirectoryVolume) -> None:
+        doomed = await put(vol, b"doomed!")
+        kept = await put(vol, b"kept")
+        await vol.block_trash(doomed, 0, HOUR)
+        await vol.block_trash(kept, 0, HOUR)
+        (trashed,) = trash_files(root, doomed)
+        trashed.rename(trashed.with_name(f"{doomed}.trash.{int(time.time()) - 1}"))
+        stats = await vol.empty_trash(4)
+        assert (stats.deleted_blocks, stats.deleted_bytes) == (1, len(b"doomed!"))
+        assert (stats.remaining_blocks, stats.remaining_bytes) == (1, len(b"kept"))
+        assert trash_files(root, doomed) == []
+        assert len(trash_files(root, kept)) == 1
+        with pytest.raises(BlockNotFound):
+            await vol.block_untrash(doomed)
+        await vol.block_untrash(kept)
+
+    run(root, body)
+
+
+def test_empty_trash_deadline_equal_to_now_is_deleted(root: Path) -> None:
+    h = md5(b"now")
+    place(root, b"now", f"{h}.trash.{int(time.time())}")
+
+    async def body(vol: DirectoryVolume) -> None:
+        assert (await vol.empty_trash(1)).deleted_blocks == 1
+        assert trash_files(root, h) == []
+
+    run(root, body)
+
+
+def test_empty_trash_only_walks_hex_dirs_and_trash_names(root: Path) -> None:
+    past = int(time.time()) - 10
+    h = md5(b"x")
+    place(root, b"x", f"{h}.trash.{past}")  # deleted
+    odd = [
+        place(root, b"y", f"{md5(b'y')}.trash.abc"),
+        place(root, b"z", f"{md5(b'z')}.trash."),
+        place(root, b"w", f"{md5(b'w')[:31]}.trash.{past}"),
+    ]
+    tmp_like = root / h[:3] / f"tmp{md5(b'v')}.trash.{past}"
+    tmp_like.write_bytes(b"v")
+    odd.append(tmp_like)
+    for d in (".aaa", "zzz", "quarantine"):
+        (root / d).mkdir()
+        (root / d / f"{md5(d.encode())}.trash.{past}").write_bytes(b"elsewhere")
+        odd.append(root / d / f"{md5(d.encode())}.trash.{past}")
+
+    async def body(vol: DirectoryVolume) -> None:
+        stats = await vol.empty_trash(2)
+        assert stats.deleted_blocks == 1
+        assert trash_files(root, h) == []
+        for p in odd:
+            assert p.exists(), p
+
+    run(root, body)
+
+
+# --- temp files --------------------------------------------------------------------------------------------------
+
+
+def test_sweep_temporary(root: Path) -> None:
+    h = md5(b"interrupted")
+    d = root / h[:3]
+    d.mkdir()
+    stale = d / f"tmp{h}0123456789ab"
+    locked = d / f"tmp{h}ba9876543210"
+    fresh_name = d / f"tmp{h}ffffffffffff"
+    other = d / "tmpnothash"
+    elsewhere = root / "zzz"
+    elsewhere.mkdir()
+    hidden = elsewhere / f"tmp{h}000000000000"
+    for p in (stale, locked, other, hidden):
+        p.write_bytes(b"partial")
+        os.utime(p, (time.time() - 3600, time.time() - 3600))
+    holder = os.open(locked, os.O_RDONLY)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)  # a live writer (another process, say) owns it
+
+        async def body(vol: DirectoryVolume) -> None:
+            fresh_name.write_bytes(b"being written right now")  # newer than the volume: never swept
+            now = time.time_ns()  # (the kernel stamps files from a coarse clock; be explicit)
+            os.utime(fresh_name, ns=(now, now))
+            assert await vol.sweep_temporary() == 1
+            assert not stale.exists()
+            assert locked.exists() and fresh_name.exists() and other.exists() and hidden.exists()
+            fcntl.flock(holder, fcntl.LOCK_UN)
+            assert await vol.sweep_temporary() == 1  # the writer died: now it goes
+            assert not locked.exists()
+            assert fresh_name.exists()
+
+        run(root, body)
+    finally:
+        os.close(holder)
+
+
+def test_write_holds_flock_on_its_temp_file(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # While a write is in progress, its temp file is flock()ed, so a concurrent sweep leaves it alone.
+    seen: list[bool] = []
+    real_fsync = os.fsync
+
+    def spying_fsync(fd: int) -> None:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        if os.path.basename(target).startswith("tmp"):
+            probe = os.open(target, os.O_RDONLY)
+            try:
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                seen.append(False)
+            except BlockingIOError:
+                seen.append(True)
+            finally:
+                os.close(probe)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spying_fsync)
+
+    async def body(vol: DirectoryVolume) -> None:
+        await put(vol, b"locked while written")
+
+    run(root, body)
+    assert seen == [True]
+
+
+def test_failed_write_leaves_no_temp_file_and_keeps_old_copy(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_write = os.write
+    data = b"x" * 100
+
+    def failing_write(fd: int, buf: Any) -> int:
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(str(root)):
+            raise OSError(errno.EIO, "I/O error")
+        return real_write(fd, buf)
+
+    async def body(vol: DirectoryVolume) -> None:
+        h = await put(vol, data)
+        monkeypatch.setattr(os, "write", failing_write)
+        with pytest.raises(VolumeError):
+            await vol.block_write(h, memoryview(b"y" * 100))
+        monkeypatch.setattr(os, "write", real_write)
+        assert listing(root) == {h[:3], f"{h[:3]}/{h}"}
+        assert await read(vol, h) == data
+
+    run(root, body)
+
+
+# --- full --------------------------------------------------------------------------------------------------------
+
+
+def test_recent_full_symlink_refuses_writes(root: Path) -> None:
+    os.symlink(str(int(time.time())), root / "full")
+
+    async def body(vol: DirectoryVolume) -> None:
+        with pytest.raises(VolumeFull):
+            await put(vol, b"no room")
+        assert listing(root) == {"full"}
+
+    run(root, body)
+
+
+def test_old_or_bogus_full_symlink_is_ignored(root: Path) -> None:
+    os.symlink(str(int(time.time() - FULL_MARKER_TTL - 60)), root / "full")
+
+    async def body(vol: DirectoryVolume) -> None:
+        h = await put(vol, b"room enough")
+        assert await read(vol, h) == b"room enough"
+        (root / "full").unlink()
+        os.symlink("not a time", root / "full")
+        await put(vol, b"still room")
+
+    run(root, body)
+
+
+def test_reads_still_work_when_full(root: Path) -> None:
+    h = md5(b"readable")
+    place(root, b"readable")
+    os.symlink(str(int(time.time())), root / "full")
+
+    async def body(vol: DirectoryVolume) -> None:
+        assert await read(vol, h) == b"readable"
+        await vol.block_touch(h)
+
+    run(root, body)
+
+
+def test_low_free_space_means_full_and_sets_marker(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_statvfs = os.statvfs
+
+    def tiny(path: Any) -> Any:
+        st = real_statvfs(path)
+        return SimpleNamespace(f_bavail=1, f_frsize=st.f_frsize, f_blocks=st.f_blocks, f_bfree=1)
+
+    async def body(vol: DirectoryVolume) -> None:
+        monkeypatch.setattr(os, "statvfs", tiny)
+        before = int(time.time())
+        with pytest.raises(VolumeFull):
+            await put(vol, b"no room")
+        monkeypatch.setattr(os, "statvfs", real_statvfs)
+        marker = root / "full"
+        assert marker.is_symlink()
+        assert before <= int(os.readlink(marker)) <= int(time.time())
+        with pytest.raises(VolumeFull):  # the marker is trusted for an hour, whatever statfs says now
+            await put(vol, b"no room")
+
+    run(root, body)
+
+
+def test_enospc_while_writing_is_full(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_write = os.write
+
+    def enospc(fd: int, buf: Any) -> int:
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(str(root)):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, buf)
+
+    async def body(vol: DirectoryVolume) -> None:
+        monkeypatch.setattr(os, "write", enospc)
+        with pytest.raises(VolumeFull):
+            await put(vol, b"no room")
+        monkeypatch.setattr(os, "write", real_write)
+        assert (root / "full").is_symlink()
+        assert not [p for p in listing(root) if "tmp" in p]
+
+    run(root, body)
+
+
+# --- quarantine --------------------------------------------------------------------------------------------------
+
+
+def test_quarantine_moves_corrupt_copy_aside(root: Path) -> None:
+    async def body(vol: DirectoryVolume) -> None:
+        h = await put(vol, b"pristine data")
+        path = root / h[:3] / h
+        path.write_bytes(b"corrupt  data")
+        before = time.time_ns()
+        assert await vol.block_quarantine(h) is True
+        assert not path.exists()
+        (moved,) = (root / "quarantine").iterdir()
+        name, ns = moved.name.split(".")
+        assert name == h
+        assert before <= int(ns) <= time.time_ns()
+        assert moved.read_bytes() == b"corrupt  data"  # kept for inspection
+        assert await index(vol) == {}
+        assert (await vol.empty_trash(1)).deleted_blocks == 0
+        assert moved.exists()
+
+    run(root, body)
+
+
+def test_quarantine_leaves_good_copy(root: Path) -> None:
+    async def body(vol: DirectoryVolume) -> None:
+        h = await put(vol, b"fine")
+        assert await vol.block_quarantine(h) is False
+        assert (root / h[:3] / h).read_bytes() == b"fine"
+        assert not (root / "quarantine").exists()
+
+    run(root, body)
+
+
+# --- construction and parameters ---------------------------------------------------------------------------------
+
+
+def test_root_must_be_a_directory(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        DirectoryVolume(make_spec(tmp_path / "nope"), DirectoryParameters(root=str(tmp_path / "nope")))
+    assert (
+        str(info.value)
+        == f"Clusters.zzzzz.Volumes.{UUID}.DriverParameters.Root: {tmp_path / 'nope'} is not a directory"
+    )
+
+
+def test_parameters_strip_trailing_slash() -> None:
+    assert DirectoryParameters.parse({"Root": "/srv/keep/"}, "X").root == "/srv/keep"
+    assert DirectoryParameters.parse({"Root": "/"}, "X").root == "/"
+    assert DirectoryParameters.parse({"Root": "/srv", "Serialize": True}, "X").serialize is True
+
+
+def test_device_id(root: Path) -> None:
+    async def body(vol: DirectoryVolume) -> None:
+        dev = vol.device_id
+        if dev.startswith(f"{socket.gethostname()}:"):
+            assert dev == f"{socket.gethostname()}:{root}"
+        else:  # <filesystem UUID><path inside the filesystem>
+            assert dev.endswith(root.name)
+
+    run(root, body)
+
+
+def test_serialize(root: Path) -> None:
+    async def body(vol: DirectoryVolume) -> None:
+        blocks = [os.urandom(1000) for _ in range(10)]
+        await asyncio.gather(*(put(vol, b) for b in blocks))
+        results = await asyncio.gather(*(read(vol, md5(b)) for b in blocks))
+        assert results == blocks
+
+    run(root, body, serialize=True)
