@@ -129,7 +129,7 @@ def parse_duration(text: str) -> float:
     while pos < len(s):
         m = _DURATION_RE.match(s, pos)
         if m is None or m.group(1) in ("", "."):
-            raise ValueError(f"invalid duration {text!r} (expected e.g. \"336h\", \"5m\", \"1.5s\")")
+            raise ValueError(f'invalid duration {text!r} (expected e.g. "336h", "5m", "1.5s")')
         total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
         pos = m.end()
     return sign * total
@@ -353,7 +353,7 @@ def _pick_internal_url(c: _Reader, base: str, env: Mapping[str, str]) -> tuple[s
     urls = c.sub("Services").sub("Keepstore").sub("InternalURLs")
     path = urls.path
     if not urls.data:
-        raise ConfigError(path, "required: the URL(s) this keepstore listens on, e.g. {\"http://127.0.0.1:25107\": {}}")
+        raise ConfigError(path, 'required: the URL(s) this keepstore listens on, e.g. {"http://127.0.0.1:25107": {}}')
     for url in urls.data:
         _check_url(str(url), f"{path}.{url}")
     chosen = env.get("ARVADOS_SERVICE_INTERNAL_URL", "")

@@ -11,17 +11,32 @@ import json
 import logging
 import os
 import re
+import secrets
+import string
 import sys
 import time
 from typing import Any
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}
-_LEVEL_NAMES = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning", logging.ERROR: "error",
-                logging.CRITICAL: "fatal"}
+_LEVEL_NAMES = {
+    logging.DEBUG: "debug",
+    logging.INFO: "info",
+    logging.WARNING: "warning",
+    logging.ERROR: "error",
+    logging.CRITICAL: "fatal",
+}
 
 _SIG_RE = re.compile(r"\+A[0-9a-fA-F]{40}@")
 _REMOTE_SIG_RE = re.compile(r"(\+R[A-Za-z0-9]{5}-)[0-9a-fA-F]{40}@")
 _TOKEN_QUERY_RE = re.compile(r"(api_token=)[^&]*")
+
+
+_ID_ALPHABET = string.digits + string.ascii_lowercase
+
+
+def new_request_id() -> str:
+    """``req-`` and 20 characters of [0-9a-z], as Arvados generates them."""
+    return "req-" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(20))
 
 
 def redact(text: str) -> str:

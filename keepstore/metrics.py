@@ -35,53 +35,110 @@ class _ServiceCollector:
     def collect(self) -> Iterator[Metric]:
         svc = self.service
         pool = svc.pool.status()
-        yield _family("arvados_keepstore_bufferpool_allocated_bytes", "Number of bytes allocated to buffers",
-                      "gauge", [({}, pool.bytes_allocated)])
-        yield _family("arvados_keepstore_bufferpool_max_buffers", "Maximum number of buffers allowed", "gauge",
-                      [({}, pool.max_buffers)])
-        yield _family("arvados_keepstore_bufferpool_inuse_buffers", "Number of buffers in use", "gauge",
-                      [({}, pool.in_use)])
+        yield _family(
+            "arvados_keepstore_bufferpool_allocated_bytes",
+            "Number of bytes allocated to buffers",
+            "gauge",
+            [({}, pool.bytes_allocated)],
+        )
+        yield _family(
+            "arvados_keepstore_bufferpool_max_buffers",
+            "Maximum number of buffers allowed",
+            "gauge",
+            [({}, pool.max_buffers)],
+        )
+        yield _family(
+            "arvados_keepstore_bufferpool_inuse_buffers", "Number of buffers in use", "gauge", [({}, pool.in_use)]
+        )
         for name, queue in (("pull", svc.pull_queue), ("trash", svc.trash_queue)):
             st = queue.status()
-            yield _family(f"arvados_keepstore_{name}_queue_pending_entries", f"Number of queued {name} requests",
-                          "gauge", [({}, st.queued)])
-            yield _family(f"arvados_keepstore_{name}_queue_inprogress_entries",
-                          f"Number of {name} requests in progress", "gauge", [({}, st.in_progress)])
+            yield _family(
+                f"arvados_keepstore_{name}_queue_pending_entries",
+                f"Number of queued {name} requests",
+                "gauge",
+                [({}, st.queued)],
+            )
+            yield _family(
+                f"arvados_keepstore_{name}_queue_inprogress_entries",
+                f"Number of {name} requests in progress",
+                "gauge",
+                [({}, st.in_progress)],
+            )
         ops, errors, io = [], [], []
         for mnt in svc.store.mounts:
             dev = mnt.volume.device_id
             stats = mnt.volume.stats
             ops += [({"device_id": dev, "operation": k}, v) for k, v in sorted(stats.ops.items())]
             errors += [({"device_id": dev, "error_type": k}, v) for k, v in sorted(stats.errors.items())]
-            io += [({"device_id": dev, "direction": "in"}, stats.in_bytes),
-                   ({"device_id": dev, "direction": "out"}, stats.out_bytes)]
+            io += [
+                ({"device_id": dev, "direction": "in"}, stats.in_bytes),
+                ({"device_id": dev, "direction": "out"}, stats.out_bytes),
+            ]
         yield _family("arvados_keepstore_volume_operations", "Number of volume operations", "counter", ops)
         yield _family("arvados_keepstore_volume_errors", "Number of volume errors", "counter", errors)
         yield _family("arvados_keepstore_volume_io_bytes", "Volume I/O traffic in bytes", "counter", io)
         c = svc.store.counters
-        yield _family("arvados_keepstore_checksum_errors", "Stored copies that failed verification on read",
-                      "counter", [({}, c.checksum_errors)])
-        yield _family("arvados_keepstore_quarantined_blocks", "Corrupt copies moved to quarantine", "counter",
-                      [({}, c.quarantined)])
-        yield _family("arvados_keepstore_pull_results", "Pull list items processed, by outcome", "counter",
-                      [({"outcome": k}, v) for k, v in sorted(svc.pull_outcomes.items())])
-        yield _family("arvados_keepstore_trash_results", "Trash list items processed, by outcome", "counter",
-                      [({"outcome": k}, v) for k, v in sorted(svc.trash_outcomes.items())])
-        yield _family("arvados_keepstore_emptytrash_deleted_blocks", "Blocks deleted by the trash sweep", "counter",
-                      [({}, svc.sweep_totals["blocks"])])
-        yield _family("arvados_keepstore_emptytrash_deleted_bytes", "Bytes deleted by the trash sweep", "counter",
-                      [({}, svc.sweep_totals["bytes"])])
+        yield _family(
+            "arvados_keepstore_checksum_errors",
+            "Stored copies that failed verification on read",
+            "counter",
+            [({}, c.checksum_errors)],
+        )
+        yield _family(
+            "arvados_keepstore_quarantined_blocks",
+            "Corrupt copies moved to quarantine",
+            "counter",
+            [({}, c.quarantined)],
+        )
+        yield _family(
+            "arvados_keepstore_pull_results",
+            "Pull list items processed, by outcome",
+            "counter",
+            [({"outcome": k}, v) for k, v in sorted(svc.pull_outcomes.items())],
+        )
+        yield _family(
+            "arvados_keepstore_trash_results",
+            "Trash list items processed, by outcome",
+            "counter",
+            [({"outcome": k}, v) for k, v in sorted(svc.trash_outcomes.items())],
+        )
+        yield _family(
+            "arvados_keepstore_emptytrash_deleted_blocks",
+            "Blocks deleted by the trash sweep",
+            "counter",
+            [({}, svc.sweep_totals["blocks"])],
+        )
+        yield _family(
+            "arvados_keepstore_emptytrash_deleted_bytes",
+            "Bytes deleted by the trash sweep",
+            "counter",
+            [({}, svc.sweep_totals["bytes"])],
+        )
         lim = svc.limiter
-        yield _family("arvados_concurrent_requests", "Number of requests in progress", "gauge",
-                      [({"queue": "api"}, lim.active)])
-        yield _family("arvados_max_concurrent_requests", "Maximum number of concurrent requests", "gauge",
-                      [({"queue": "api"}, lim.max_concurrent)])
-        yield _family("arvados_max_queued_requests", "Maximum number of queued requests", "gauge",
-                      [({"queue": "api"}, lim.max_queued)])
-        yield _family("arvados_queued_requests", "Number of requests in queue", "gauge",
-                      [({"queue": "api", "priority": p}, n) for p, n in lim.queued().items()])
-        yield _family("arvados_version_running", "Indicated version is running", "gauge",
-                      [({"version": __version__}, 1)])
+        yield _family(
+            "arvados_concurrent_requests", "Number of requests in progress", "gauge", [({"queue": "api"}, lim.active)]
+        )
+        yield _family(
+            "arvados_max_concurrent_requests",
+            "Maximum number of concurrent requests",
+            "gauge",
+            [({"queue": "api"}, lim.max_concurrent)],
+        )
+        yield _family(
+            "arvados_max_queued_requests",
+            "Maximum number of queued requests",
+            "gauge",
+            [({"queue": "api"}, lim.max_queued)],
+        )
+        yield _family(
+            "arvados_queued_requests",
+            "Number of requests in queue",
+            "gauge",
+            [({"queue": "api", "priority": p}, n) for p, n in lim.queued().items()],
+        )
+        yield _family(
+            "arvados_version_running", "Indicated version is running", "gauge", [({"version": __version__}, 1)]
+        )
 
 
 class Metrics:
@@ -132,8 +189,10 @@ class Metrics:
             else:
                 for s in fam.samples:
                     metrics.append(
-                        {"label": [{"name": k, "value": v} for k, v in sorted(s.labels.items())],
-                         fam.type if fam.type in ("gauge", "counter") else "untyped": {"value": s.value}}
+                        {
+                            "label": [{"name": k, "value": v} for k, v in sorted(s.labels.items())],
+                            fam.type if fam.type in ("gauge", "counter") else "untyped": {"value": s.value},
+                        }
                     )
             out.append({"name": fam.name, "help": fam.documentation, "type": fam.type.upper(), "metric": metrics})
         return out

@@ -50,6 +50,7 @@ async def serve(config: Config, on_ready: Callable[[], None] | None = None) -> N
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        await service.stop_workers()
         await runner.cleanup()
         await service.close()
         log.info("stopped")

@@ -14,7 +14,11 @@ from .metrics import Metrics
 from .signing import Signer
 from .store import Mount, Store
 from .volumes import open_volume
+from .workers.group import WorkerGroup
+from .workers.lists import PullRequest, TrashRequest
+from .workers.pull import Puller
 from .workers.queue import WorkQueue
+from .workers.trash import Trasher, TrashSweeper
 
 if TYPE_CHECKING:
     from .http.app import KeepHTTP
@@ -29,12 +33,15 @@ class Service:
     pool: BufferPool
     limiter: RequestLimiter
     signer: Signer | None
-    pull_queue: WorkQueue[Any] = field(default_factory=WorkQueue)
-    trash_queue: WorkQueue[Any] = field(default_factory=WorkQueue)
+    pull_queue: WorkQueue[PullRequest] = field(default_factory=WorkQueue)
+    trash_queue: WorkQueue[TrashRequest] = field(default_factory=WorkQueue)
     pull_outcomes: dict[str, int] = field(default_factory=dict)
     trash_outcomes: dict[str, int] = field(default_factory=dict)
     sweep_totals: dict[str, int] = field(default_factory=lambda: {"blocks": 0, "bytes": 0})
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _groups: list[WorkerGroup[Any]] = field(default_factory=list)
+    _puller: Puller | None = None
+    sweeper: TrashSweeper | None = None
 
     http: KeepHTTP | None = None  # set by the server, for /_inspect/requests
 
@@ -61,6 +68,37 @@ class Service:
                 f"AllowTrash={mnt.allow_trash}"
             )
         self._tasks.append(asyncio.create_task(self._sweep_temporary()))
+        await self._start_workers()
+
+    async def _start_workers(self) -> None:
+        cfg = self.config
+        if self.store.writable:
+            self._puller = Puller(self)
+            await self._puller.start()
+            self._groups.append(
+                WorkerGroup("pull", self.pull_queue, self._puller, self.pull_outcomes, cfg.blob_replicate_concurrency)
+            )
+        if cfg.blob_trash and self.store.trashable and cfg.blob_trash_concurrency > 0:
+            trasher = Trasher(self)
+            self._groups.append(
+                WorkerGroup("trash", self.trash_queue, trasher, self.trash_outcomes, cfg.blob_trash_concurrency)
+            )
+        sweep = cfg.blob_trash_check_interval > 0 and cfg.blob_delete_concurrency > 0
+        if cfg.blob_trash and self.store.trashable and sweep:
+            self.sweeper = TrashSweeper(self)
+            self.sweeper.start()
+        for group in self._groups:
+            group.start()
+
+    async def stop_workers(self) -> None:
+        """Stop pull and trash workers where they stand, and the sweep (SIGTERM; also part of close)."""
+        for group in self._groups:
+            await group.stop()
+        self._groups = []
+        if self.sweeper is not None:
+            await self.sweeper.stop()
+        if self._puller is not None:
+            await self._puller.close()
 
     async def _sweep_temporary(self) -> None:
         for mnt in self.store.mounts:
@@ -72,11 +110,10 @@ class Service:
                 log.exception("sweeping temporary files failed", extra={"fields": {"mount": mnt.uuid}})
                 continue
             if removed:
-                log.info(
-                    "removed stale temporary files", extra={"fields": {"mount": mnt.uuid, "count": removed}}
-                )
+                log.info("removed stale temporary files", extra={"fields": {"mount": mnt.uuid, "count": removed}})
 
     async def close(self) -> None:
+        await self.stop_workers()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

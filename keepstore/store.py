@@ -246,9 +246,7 @@ class Store:
                     pending.sub(mnt)
                     if not isinstance(exc, VolumeFull):
                         all_full = False
-                    log.warning(
-                        "write failed", extra={"fields": {"hash": hash, "mount": mnt.uuid, "error": str(exc)}}
-                    )
+                    log.warning("write failed", extra={"fields": {"hash": hash, "mount": mnt.uuid, "error": str(exc)}})
 
         try:
             for mnt in order:
@@ -353,4 +351,3 @@ async def _wait_uncancellable(tasks: list[asyncio.Task[None]]) -> None:
             t.exception()  # retrieved: the error was already logged or is moot
     if cancelled:
         raise asyncio.CancelledError()
-

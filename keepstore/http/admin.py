@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -9,8 +10,9 @@ from urllib.parse import parse_qsl
 
 from aiohttp import web
 
-from ..errors import KeepError, MethodNotAllowed
+from ..errors import ClientGone, KeepError, MethodNotAllowed, TooLarge
 from ..locator import parse_locator
+from ..workers.lists import parse_pull_list, parse_trash_list
 from .app import Call
 from .auth import require_root
 
@@ -98,4 +100,42 @@ async def trash(call: Call, match: re.Match[str]) -> web.StreamResponse:
 async def untrash(call: Call, match: re.Match[str]) -> web.StreamResponse:
     _root(call)
     await call.service.store.untrash(parse_locator(match["loc"]).hash)
+    return web.Response(status=200)
+
+
+LIST_BODY_LIMIT = 64 << 20  # a 100,000-item pull list (keep-balance's default cap) is about 20 MB
+
+
+async def _read_list(call: Call) -> bytes:
+    declared = call.request.content_length
+    if declared is not None and declared > LIST_BODY_LIMIT:
+        raise TooLarge()
+    chunks: list[bytes] = []
+    total = 0
+    try:
+        while chunk := await call.request.content.readany():
+            total += len(chunk)
+            if total > LIST_BODY_LIMIT:
+                raise TooLarge()
+            chunks.append(chunk)
+    except (ConnectionError, asyncio.IncompleteReadError) as exc:
+        raise ClientGone(str(exc)) from exc
+    return b"".join(chunks)
+
+
+async def pull_list(call: Call, match: re.Match[str]) -> web.StreamResponse:
+    """Replace the pull queue with a validated list (SPEC §2.11, difference 6)."""
+    _root(call)
+    items = parse_pull_list(await _read_list(call))
+    call.service.pull_queue.replace(items)
+    log.info("pull list received", extra={"fields": {"RequestID": call.request_id, "items": len(items)}})
+    return web.Response(status=200)
+
+
+async def trash_list(call: Call, match: re.Match[str]) -> web.StreamResponse:
+    """Replace the trash queue with a validated list (SPEC §2.12, difference 6)."""
+    _root(call)
+    items = parse_trash_list(await _read_list(call))
+    call.service.trash_queue.replace(items)
+    log.info("trash list received", extra={"fields": {"RequestID": call.request_id, "items": len(items)}})
     return web.Response(status=200)

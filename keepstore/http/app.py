@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import secrets
-import string
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -24,7 +22,7 @@ from aiohttp import web
 from aiohttp.web_request import BaseRequest
 
 from ..errors import BadRoute, ClientGone, KeepError, Overloaded
-from ..logs import redact
+from ..logs import new_request_id, redact
 from .errors import status_of
 from .protocol import peer_of
 
@@ -41,12 +39,6 @@ CORS_HEADERS = {
     "Access-Control-Expose-Headers": "X-Keep-Locator, X-Keep-Replicas-Stored, X-Keep-Storage-Classes-Confirmed",
     "Access-Control-Max-Age": "86486400",
 }
-
-_ID_ALPHABET = string.digits + string.ascii_lowercase
-
-
-def new_request_id() -> str:
-    return "req-" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(20))
 
 
 @dataclass
@@ -135,6 +127,8 @@ class KeepHTTP:
         r.add("GET HEAD", r"/mounts/(?P<uuid>[^/]+)/blocks", admin.index)
         r.add("GET HEAD", r"/mounts/(?P<uuid>[^/]+)/blocks/(?P<prefix>[0-9a-f]{0,32})", admin.index)
         r.add("PUT", rf"/{_LOC}", blocks.write)
+        r.add("PUT", r"/pull", admin.pull_list)
+        r.add("PUT", r"/trash", admin.trash_list)
         r.add("PUT", rf"/untrash/{_LOC}", admin.untrash)
         r.add("TOUCH", rf"/{_LOC}", admin.touch)
         r.add("DELETE", rf"/{_LOC}", admin.trash)

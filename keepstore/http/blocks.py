@@ -18,6 +18,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
+from ..bodies import receive
 from ..errors import (
     BadRequestBody,
     ClientGone,
@@ -28,7 +29,6 @@ from ..errors import (
     NoToken,
     TooLarge,
 )
-from ..hashing import StreamHasher
 from ..locator import BLOCK_SIZE, EMPTY_BLOCK_HASH, parse_locator
 from .app import Call, text_response
 from .auth import request_tokens
@@ -99,37 +99,19 @@ async def write(call: Call, match: re.Match[str]) -> web.StreamResponse:
     resp = text_response(200, locator + "\n")
     resp.headers["X-Keep-Replicas-Stored"] = str(result.replicas)
     # Deliberate difference 7: classes sorted by name (upstream: Go map order).
-    resp.headers["X-Keep-Storage-Classes-Confirmed"] = ", ".join(
-        f"{c}={n}" for c, n in sorted(result.classes.items())
-    )
+    resp.headers["X-Keep-Storage-Classes-Confirmed"] = ", ".join(f"{c}={n}" for c, n in sorted(result.classes.items()))
     return resp
 
 
 async def _receive(call: Call, view: memoryview) -> tuple[int, str]:
     """Read the request body into ``view`` while hashing it; return (size, md5 hex)."""
-    content = call.request.content
-    hasher = StreamHasher(view)
-    filled = 0
     try:
-        while True:
-            try:
-                chunk = await content.readany()
-            except (ConnectionError, asyncio.IncompleteReadError) as exc:
-                raise ClientGone(str(exc)) from exc
-            except (RequestPayloadError, HttpProcessingError) as exc:
-                call.request.protocol.force_close()
-                raise BadRequestBody(f"invalid request body: {exc}") from exc
-            if not chunk:
-                break
-            end = filled + len(chunk)
-            if end > BLOCK_SIZE:
-                raise TooLarge()
-            view[filled:end] = chunk
-            filled = end
-            hasher.advance(filled)
-        return filled, await hasher.finish(filled)
-    finally:
-        await hasher.aclose()
+        return await receive(call.request.content, view)
+    except (ConnectionError, asyncio.IncompleteReadError) as exc:
+        raise ClientGone(str(exc)) from exc
+    except (RequestPayloadError, HttpProcessingError) as exc:
+        call.request.protocol.force_close()
+        raise BadRequestBody(f"invalid request body: {exc}") from exc
 
 
 async def options(call: Call, match: re.Match[str]) -> web.StreamResponse:

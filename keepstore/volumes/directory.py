@@ -414,9 +414,7 @@ class DirectoryVolume(Volume):
             st = os.statvfs(self.root)
         except OSError:
             return VolumeUsage(bytes_free=None, bytes_used=None)
-        return VolumeUsage(
-            bytes_free=st.f_bavail * st.f_frsize, bytes_used=(st.f_blocks - st.f_bfree) * st.f_frsize
-        )
+        return VolumeUsage(bytes_free=st.f_bavail * st.f_frsize, bytes_used=(st.f_blocks - st.f_bfree) * st.f_frsize)
 
     def _hex_subdirs(self, prefix: str = "") -> list[str]:
         self.stats.op("readdir")

@@ -89,9 +89,7 @@ def test_put_64mib_limit(server: KeepServer) -> None:  # item 8, deliberate diff
 
 def test_put_oversize_rejected_before_body(server: KeepServer) -> None:
     # Content-Length above 64 MiB is refused at once: the server answers without waiting for the body.
-    head = (
-        f"PUT /{md5(b'x')} HTTP/1.1\r\nHost: x\r\nContent-Length: {67108865}\r\n\r\n"
-    ).encode()
+    head = (f"PUT /{md5(b'x')} HTTP/1.1\r\nHost: x\r\nContent-Length: {67108865}\r\n\r\n").encode()
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
         s.sendall(head + b"x" * 1000)
         out = s.recv(4096)  # arrives although the body is far from complete
