@@ -35,6 +35,8 @@ def _decode(body: bytes) -> list[Any]:
         doc = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidList(f"invalid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidList("invalid JSON: nested too deeply") from None
     if not isinstance(doc, list):
         raise InvalidList(f"expected a JSON array, got {type(doc).__name__}")
     return doc
@@ -76,14 +78,25 @@ def parse_pull_list(body: bytes) -> list[PullRequest]:
                 "upgraded"
             )
         servers = item.get("servers")
-        if not isinstance(servers, list) or not all(isinstance(s, str) for s in servers):
-            raise InvalidList(f'item {n}: "servers" must be an array of URLs')
+        if not isinstance(servers, list) or not servers or not all(isinstance(s, str) for s in servers):
+            raise InvalidList(f'item {n}: "servers" must be an array of URLs, not empty')
         for s in servers:
-            parts = urlsplit(s)
-            if parts.scheme not in ("http", "https") or not parts.netloc:
+            if not _is_http_url(s):
                 raise InvalidList(f"item {n}: server {s[:80]!r} is not an http(s) URL")
         out.append(PullRequest(loc, tuple(s.rstrip("/") for s in servers), _mount(n, item)))
     return out
+
+
+def _is_http_url(text: str) -> bool:
+    try:
+        parts = urlsplit(text)
+        _ = parts.port  # raises on a malformed port
+        return parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # e.g. a malformed IPv6 literal
+        return False
+
+
+_INT64 = (-(1 << 63), (1 << 63) - 1)
 
 
 def parse_trash_list(body: bytes) -> list[TrashRequest]:
@@ -92,7 +105,7 @@ def parse_trash_list(body: bytes) -> list[TrashRequest]:
         item = _item(n, raw)
         loc = _locator(n, item)
         mtime = item.get("block_mtime")
-        if not isinstance(mtime, int) or isinstance(mtime, bool):
-            raise InvalidList(f'item {n}: "block_mtime" must be an integer (nanoseconds)')
+        if not isinstance(mtime, int) or isinstance(mtime, bool) or not _INT64[0] <= mtime <= _INT64[1]:
+            raise InvalidList(f'item {n}: "block_mtime" must be an integer (nanoseconds) that fits in 64 bits')
         out.append(TrashRequest(loc, mtime, _mount(n, item)))
     return out

@@ -1,0 +1,525 @@
+"""keepstore vs nginx (WebDAV) on the same work, in one run, plus this machine's physical ceilings.
+
+    make bench                                   # everything: 4 KiB / 1 MiB / 64 MiB, PUT and GET, c = 1, 8, 32
+    .venv/bin/python bench/http_bench.py --conc 8 --duration 8 --label "uvloop"
+
+What it does, all on 127.0.0.1 and on the disk that holds this repository:
+
+* installs nginx and wrk from Debian if they are missing (needs root) and starts nginx with one worker, WebDAV PUT,
+  no checksum, no fsync; starts keepstore with one directory volume (fsync on, every read verified);
+* PUT: wrk sends *unique* blocks (a 16-hex-digit counter ends each body; the URL is the block's md5, computed in
+  advance), so both servers create a new file per request, as in real use; GET: a fixed set of stored blocks, read
+  round-robin (page cache warm);
+* measures md5 speed (1 and 2 threads) and the durable-write ceiling (8 threads: write, fsync, rename, fsync the
+  directory; unique files) in the same run: where nginx is above those, they are the real target;
+* reports throughput, p50/p99 latency, server and wrk CPU (cores), and the server's peak RSS; keepstore/nginx
+  ratios; writes the tables to docs/benchmarks.md (section "http", or "http-<label>" with --label).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import hashlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+
+from keeptest import (  # noqa: E402
+    USER_TOKEN,
+    KeepServer,
+    cluster_config,
+    directory_volume,
+    free_port,
+    sign,
+)
+
+from bench.report import machine, write_section  # noqa: E402
+
+SIZES = {"4 KiB": 4 << 10, "1 MiB": 1 << 20, "64 MiB": 64 << 20}
+LUA = ROOT / "bench" / "lua"
+CLK = os.sysconf("SC_CLK_TCK")
+
+
+# --- tools -------------------------------------------------------------------------------------------------------
+
+
+def ensure_tools() -> None:
+    missing = [t for t in ("nginx", "wrk") if shutil.which(t) is None and not Path(f"/usr/sbin/{t}").exists()]
+    if not missing:
+        return
+    if os.geteuid() != 0:
+        sys.exit(f"bench needs {', '.join(missing)}: apt-get install nginx wrk (as root)")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "install", "-y", "-q", "nginx", "wrk"], check=True, env=env, stdout=subprocess.DEVNULL)
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (all threads)
+        except (OSError, IndexError):
+            pass
+    return total / CLK
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out += [int(x) for x in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+def peak_rss_mib(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                total += int(line.split()[1])
+    return total / 1024
+
+
+def reset_peak_rss(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            Path(f"/proc/{pid}/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+
+# --- servers -----------------------------------------------------------------------------------------------------
+
+
+class Nginx:
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.root = work / "nginx-data"
+        self.port = free_port()
+        (work / "nginx-tmp").mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True)
+        conf = work / "nginx.conf"
+        conf.write_text(
+            f"""
+worker_processes 1;
+pid {work}/nginx.pid;
+error_log {work}/nginx-error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  sendfile on;
+  tcp_nopush on;
+  keepalive_requests 1000000;
+  client_body_temp_path {work}/nginx-tmp;
+  server {{
+    listen 127.0.0.1:{self.port};
+    root {self.root};
+    client_max_body_size 65m;
+    client_body_buffer_size 1m;
+    location / {{ dav_methods PUT; create_full_put_path on; dav_access user:rw group:r all:r; }}
+  }}
+}}
+"""
+        )
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        self.proc = subprocess.Popen([nginx, "-c", str(conf), "-g", "daemon off;"], stderr=subprocess.DEVNULL)
+        _wait_port(self.port)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pids(self) -> list[int]:
+        return [self.proc.pid, *children(self.proc.pid)]
+
+    def clear(self) -> None:
+        shutil.rmtree(self.root)
+        self.root.mkdir()
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGQUIT)
+        self.proc.wait(30)
+
+
+class Keepstore:
+    def __init__(self, work: Path, buffers: int) -> None:
+        self.work = work / "keepstore"
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        vol = directory_volume(self.work / "vol", 0)
+        cfg = cluster_config(
+            self.port, [vol], api={"MaxKeepBlobBuffers": buffers, "MaxConcurrentRequests": 2 * buffers + 64}
+        )
+        cfg["Clusters"]["zzzzz"]["SystemLogs"]["LogLevel"] = "warn"
+        self.server = KeepServer(workdir=self.work, port=self.port, config=cfg).start()
+        self.url = self.server.url
+
+    @property
+    def pids(self) -> list[int]:
+        return [self.server.pid, *children(self.server.pid)]
+
+    def clear(self) -> None:
+        root = self.server.volume_root(0)
+        for sub in root.iterdir():
+            if sub.is_dir():
+                shutil.rmtree(sub)
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def _wait_port(port: int) -> None:
+    import socket
+
+    for _ in range(200):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+# --- data --------------------------------------------------------------------------------------------------------
+
+
+class Blocks:
+    """Unique blocks of one size: base[:size-16] + 16 hex digits; md5s computed from a shared prefix state."""
+
+    def __init__(self, work: Path, size: int, count: int) -> None:
+        self.size = size
+        self.base_path = work / f"base-{size}"
+        base = os.urandom(size)
+        self.base_path.write_bytes(base)
+        self.prefix = base[: size - 16]
+        state = hashlib.md5(self.prefix)
+        self.names = []
+        for i in range(count):
+            h = state.copy()
+            h.update(b"%016x" % i)
+            self.names.append(h.hexdigest())
+        self.names_path = work / f"names-{size}"
+        self.names_path.write_text("\n".join(self.names) + "\n")
+
+    def body(self, i: int) -> bytes:
+        return self.prefix + b"%016x" % i
+
+
+def seed(url: str, blocks: Blocks, count: int, token: str | None) -> None:
+    def put(i: int) -> None:
+        req = urllib.request.Request(f"{url}/{blocks.names[i]}", data=blocks.body(i), method="PUT")
+        if token:
+            req.add_header("Authorization", f"Bearer {token}")
+        with urllib.request.urlopen(req) as r:
+            assert r.status in (200, 201, 204), r.status
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        list(pool.map(put, range(count)))
+
+
+# --- wrk ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    rps: float
+    mbps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    wrapped: int
+    server_cpu: float
+    wrk_cpu: float
+    rss_mib: float
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    assert m, text
+    return float(m.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[m.group(2)]
+
+
+def run_wrk(
+    url: str,
+    script: str,
+    names: Path,
+    size: int,
+    conns: int,
+    duration: float,
+    token: str | None,
+    pids: list[int],
+    base: Path | None = None,
+) -> Result:
+    threads = 1 if conns == 1 else 2
+    env = dict(
+        os.environ,
+        KS_BENCH_NAMES=str(names),
+        KS_BENCH_THREADS=str(threads),
+        KS_BENCH_SIZE=str(size),
+        KS_BENCH_TOKEN=token or "",
+        KS_BENCH_BASE=str(base or ""),
+    )
+    reset_peak_rss(pids)
+    cpu0 = cpu_seconds(pids)
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        [
+            "wrk",
+            "-t",
+            str(threads),
+            "-c",
+            str(conns),
+            "-d",
+            f"{round(duration)}s",
+            "--timeout",
+            "60s",
+            "--latency",
+            "-s",
+            str(LUA / script),
+            url,
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    wrk_cpu = 0.0
+    while proc.poll() is None:
+        wrk_cpu = max(wrk_cpu, cpu_seconds([proc.pid]))
+        time.sleep(0.2)
+    out = proc.stdout.read() if proc.stdout else ""
+    elapsed = time.monotonic() - t0
+    server_cpu = (cpu_seconds(pids) - cpu0) / elapsed
+    rss = peak_rss_mib(pids)
+    if "Requests/sec:" not in out:
+        raise RuntimeError(f"wrk failed:\n{out}")
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"\s99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = int(m.group(1)) if m else 0
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if m:
+        errors += sum(int(x) for x in m.groups())
+    m = re.search(r"wrapped=(\d+)", out)
+    return Result(
+        rps=rps,
+        mbps=rps * size / 1e6,
+        p50_ms=p50,
+        p99_ms=p99,
+        errors=errors,
+        wrapped=int(m.group(1)) if m else 0,
+        server_cpu=server_cpu,
+        wrk_cpu=wrk_cpu / elapsed,
+        rss_mib=rss,
+    )
+
+
+# --- ceilings ----------------------------------------------------------------------------------------------------
+
+
+def md5_speed(threads: int, seconds: float = 2.0) -> float:
+    buf = os.urandom(64 << 20)
+    done = [0] * threads
+    stop = time.monotonic() + seconds
+
+    def work(i: int) -> None:
+        while time.monotonic() < stop:
+            hashlib.md5(buf)
+            done[i] += len(buf)
+
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    t0 = time.monotonic()
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return sum(done) / (time.monotonic() - t0) / 1e6
+
+
+def durable_write_ceiling(work: Path, size: int, seconds: float = 4.0, threads: int = 8) -> tuple[float, float]:
+    """(MB/s, files/s) for write + fsync + rename + fsync(dir) of unique files, ``threads`` at a time."""
+    d = work / "ceiling"
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir()
+    data = os.urandom(size)
+    counts = [0] * threads
+    stop = time.monotonic() + seconds
+
+    def work_(i: int) -> None:
+        n = 0
+        dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        while time.monotonic() < stop:
+            tmp, final = d / f"tmp{i}-{n}", d / f"f{i}-{n}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+            os.close(fd)
+            os.rename(tmp, final)
+            os.fsync(dfd)
+            n += 1
+        os.close(dfd)
+        counts[i] = n
+
+    ts = [threading.Thread(target=work_, args=(i,)) for i in range(threads)]
+    t0 = time.monotonic()
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    elapsed = time.monotonic() - t0
+    shutil.rmtree(d)
+    files = sum(counts) / elapsed
+    return files * size / 1e6, files
+
+
+# --- main --------------------------------------------------------------------------------------------------------
+
+
+def fmt_tput(size: int, r: Result) -> str:
+    return f"{r.rps:,.0f} req/s" if size < (1 << 20) else f"{r.mbps:,.0f} MB/s"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default=",".join(SIZES), help="comma-separated, from: " + ", ".join(SIZES))
+    ap.add_argument("--conc", default="1,8,32", help="wrk connections, comma-separated (default 1,8,32)")
+    ap.add_argument("--ops", default="PUT,GET")
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run (default 10)")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per cell; the median is reported")
+    ap.add_argument("--buffers", type=int, default=64, help="keepstore MaxKeepBlobBuffers")
+    ap.add_argument("--label", default="", help="write to section http-<label> instead of http")
+    ap.add_argument("--work", default=str(ROOT / "bench" / ".work"), help="scratch directory (same disk!)")
+    args = ap.parse_args()
+    ensure_tools()
+    sizes = [s.strip() for s in args.sizes.split(",")]
+    concs = [int(c) for c in args.conc.split(",")]
+    ops = [o.strip().upper() for o in args.ops.split(",")]
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+
+    print("measuring ceilings ...", flush=True)
+    md5_1, md5_2 = md5_speed(1), md5_speed(2)
+    ceilings = {label: durable_write_ceiling(work, size) for label, size in SIZES.items() if label in sizes}
+
+    nginx = Nginx(work)
+    ks = Keepstore(work, args.buffers)
+    rows: list[str] = []
+    ratios: list[str] = []
+    try:
+        for label in sizes:
+            size = SIZES[label]
+            budget = int(args.duration * max(concs) * {4 << 10: 900, 1 << 20: 60, 64 << 20: 2}[size]) + 100
+            blocks = Blocks(work, size, budget)
+            for op in ops:
+                if op == "GET":
+                    count = {4 << 10: 1000, 1 << 20: 200, 64 << 20: 12}[size]
+                    nginx.clear()
+                    ks.clear()
+                    seed(nginx.url, blocks, count, None)
+                    seed(ks.url, blocks, count, USER_TOKEN)
+                    plain = work / f"get-nginx-{size}"
+                    plain.write_text("\n".join(blocks.names[:count]) + "\n")
+                    signed = work / f"get-ks-{size}"
+                    signed.write_text("\n".join(sign(f"{n}+{size}") for n in blocks.names[:count]) + "\n")
+                for conns in concs:
+                    cell: dict[str, Result] = {}
+                    for name, srv in (("nginx", nginx), ("keepstore", ks)):
+                        runs = []
+                        for _ in range(args.repeat):
+                            if op == "PUT":
+                                srv.clear()
+                                os.sync()
+                                r = run_wrk(
+                                    srv.url,
+                                    "put.lua",
+                                    blocks.names_path,
+                                    size,
+                                    conns,
+                                    args.duration,
+                                    USER_TOKEN if name == "keepstore" else None,
+                                    srv.pids,
+                                    blocks.base_path,
+                                )
+                            else:
+                                r = run_wrk(
+                                    srv.url,
+                                    "get.lua",
+                                    signed if name == "keepstore" else plain,
+                                    size,
+                                    conns,
+                                    args.duration,
+                                    USER_TOKEN if name == "keepstore" else None,
+                                    srv.pids,
+                                )
+                            runs.append(r)
+                        runs.sort(key=lambda r: r.rps)
+                        cell[name] = runs[len(runs) // 2]
+                        r = cell[name]
+                        row = (
+                            f"| {op} {label} | {conns} | {name} | {fmt_tput(size, r)} | {r.p50_ms:.2f} | "
+                            f"{r.p99_ms:.2f} | {r.server_cpu:.2f} | {r.wrk_cpu:.2f} | {r.rss_mib:.0f} |"
+                            + (f" {r.errors} errors" if r.errors else "")
+                            + (f" {r.wrapped} reused names" if r.wrapped else "")
+                        )
+                        rows.append(row)
+                        print(row, flush=True)
+                    ratio = cell["keepstore"].rps / cell["nginx"].rps
+                    ratios.append(f"| {op} {label} | {conns} | {ratio:.2f} |")
+                    if op == "PUT":
+                        nginx.clear()
+                        ks.clear()
+    finally:
+        ks.stop()
+        nginx.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+    ceiling_rows = "\n".join(
+        f"| {label} | {mb:,.0f} MB/s | {files:,.0f} files/s |" for label, (mb, files) in ceilings.items()
+    )
+    body = f"""## keepstore vs nginx{f" ({args.label})" if args.label else ""} (`bench/http_bench.py`)
+
+{machine()}. wrk {args.duration:.0f} s per cell{f", median of {args.repeat}" if args.repeat > 1 else ""};
+keepstore: one directory volume, fsync on, every GET verified, MaxKeepBlobBuffers {args.buffers}; nginx: one worker,
+WebDAV PUT, no checksum, no fsync. PUTs write unique blocks; GETs read a fixed stored set (page cache warm).
+
+Physical ceilings measured in the same run: md5 {md5_1:,.0f} MB/s on one thread, {md5_2:,.0f} MB/s on two;
+durable write (8 threads, write + fsync + rename + fsync dir, unique files):
+
+| block | durable-write ceiling |
+|---|---|
+{ceiling_rows}
+
+| work | conns | server | throughput | p50 ms | p99 ms | server CPU (cores) | wrk CPU (cores) | peak RSS MiB |
+|---|---|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+keepstore / nginx (requests per second, same run):
+
+| work | conns | ratio |
+|---|---|---|
+{chr(10).join(ratios)}
+"""
+    write_section(f"http-{args.label}" if args.label else "http", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
