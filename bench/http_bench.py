@@ -117,6 +117,7 @@ class Nginx:
         conf = work / "nginx.conf"
         conf.write_text(
             f"""
+{"user root;" if os.geteuid() == 0 else ""}
 worker_processes 1;
 pid {work}/nginx.pid;
 error_log {work}/nginx-error.log warn;

@@ -101,7 +101,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .server import serve
 
     try:
-        asyncio.run(serve(config))
+        if os.environ.get("KEEPSTORE_LOOP") == "uvloop":
+            import uvloop
+
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                runner.run(serve(config))
+        else:
+            asyncio.run(serve(config))
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

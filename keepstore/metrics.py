@@ -12,7 +12,7 @@ import math
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Summary
+from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 
 from . import __version__
@@ -141,21 +141,45 @@ class _ServiceCollector:
         )
 
 
+class _RequestCollector:
+    """request_duration_seconds and time_to_status_seconds summaries (count and sum per code and method).
+
+    Kept as plain numbers updated on the event loop: a prometheus-client Summary takes a lock and a label lookup
+    per observation, which is a measurable share of a small request.
+    """
+
+    def __init__(self) -> None:
+        self.series: dict[tuple[str, str], list[float]] = {}  # (code, method) -> [count, total, to_status]
+
+    def observe(self, method: str, code: int, total: float, to_status: float) -> None:
+        key = (str(code), method.lower())
+        s = self.series.get(key)
+        if s is None:
+            s = self.series[key] = [0, 0.0, 0.0]
+        s[0] += 1
+        s[1] += total
+        s[2] += to_status
+
+    def collect(self) -> Iterator[Metric]:
+        for name, doc, idx in (
+            ("request_duration_seconds", "Summary of request duration.", 1),
+            ("time_to_status_seconds", "Summary of request TTFB.", 2),
+        ):
+            m = Metric(name, doc, "summary")
+            for (code, method), s in sorted(self.series.items()):
+                labels = {"code": code, "method": method}
+                m.add_sample(f"{name}_sum", labels, s[idx])
+                m.add_sample(f"{name}_count", labels, s[0])
+            yield m
+
+
 class Metrics:
     def __init__(self, service: Service) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.request_duration = Summary(
-            "request_duration_seconds", "Summary of request duration.", ["code", "method"], registry=self.registry
-        )
-        self.time_to_status = Summary(
-            "time_to_status_seconds", "Summary of request TTFB.", ["code", "method"], registry=self.registry
-        )
+        self.requests = _RequestCollector()
+        self.registry.register(self.requests)
         self.registry.register(_ServiceCollector(service))
-
-    def observe(self, method: str, code: int, total: float, to_status: float) -> None:
-        labels = {"code": str(code), "method": method.lower()}
-        self.request_duration.labels(**labels).observe(total)
-        self.time_to_status.labels(**labels).observe(to_status)
+        self.observe = self.requests.observe
 
     def families(self) -> list[Metric]:
         return list(self.registry.collect())

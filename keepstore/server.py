@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from . import logs
 from .config import Config
 from .http.app import KeepHTTP
 from .http.protocol import KeepServer
@@ -54,3 +55,4 @@ async def serve(config: Config, on_ready: Callable[[], None] | None = None) -> N
         await runner.cleanup()
         await service.close()
         log.info("stopped")
+        logs.flush()

@@ -22,7 +22,7 @@ from aiohttp import web
 from aiohttp.web_request import BaseRequest
 
 from ..errors import BadRoute, ClientGone, KeepError, Overloaded
-from ..logs import new_request_id, redact
+from ..logs import log_request, log_response, new_request_id, redact
 from .errors import status_of
 from .protocol import peer_of
 
@@ -54,6 +54,7 @@ class Call:
     fields: dict[str, object] = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)  # set on whatever response goes out, errors included
     sent: int = 0  # body bytes written to a streamed response
+    log_shared: str = ""  # the request fields, encoded once for both log lines
 
     def decorate(self, resp: web.StreamResponse) -> None:
         resp.headers["X-Request-Id"] = self.request_id
@@ -164,6 +165,15 @@ class KeepHTTP:
             if resp is None:
                 raise
             return resp
+        except Exception:
+            # A bug: say so in the log with the request id, answer 500 (if nothing was sent yet).
+            log.exception("unhandled error", extra={"fields": {"RequestID": call.request_id}})
+            status = 500
+            if resp is not None and resp.prepared:
+                raise
+            resp = text_response(500, "internal error\n")
+            call.decorate(resp)
+            return resp
         finally:
             del self.in_flight[id(call)]
             self._log_response(call, resp, status)
@@ -171,8 +181,12 @@ class KeepHTTP:
     async def _routed(self, call: Call, path: str) -> web.StreamResponse:
         try:
             handler, match = self.router.match(call.request.method, path)
-            async with self.service.limiter.slot(call.request):
+            limiter = self.service.limiter
+            await limiter.acquire(limiter.priority(call.request))
+            try:
                 return await self._timed(handler, call, match)
+            finally:
+                limiter.release()
         except KeepError as exc:
             if isinstance(exc, ClientGone) or call.request.transport is None:
                 log.debug("client gone", extra={"fields": {"RequestID": call.request_id}})
@@ -203,25 +217,24 @@ class KeepHTTP:
             "reqQuery": redact(query),
             "reqBytes": req.content_length if req.content_length is not None else -1,
         }
-        log.info("request", extra={"fields": dict(call.fields)})
+        call.log_shared = log_request(call.fields)
 
     def _log_response(self, call: Call, resp: web.StreamResponse | None, status: int) -> None:
         now = time.monotonic()
         status = status or (resp.status if resp is not None else 0)
-        fields = dict(call.fields)
         to_status = (call.status_time or now) - call.started
-        fields.update(
-            respStatusCode=status,
-            respStatus=_REASONS.get(status, ""),
-            respBytes=_body_bytes(call, resp),
-            timeTotal=round(now - call.started, 6),
-            timeToStatus=round(to_status, 6),
-            timeWriteBody=round(now - call.started - to_status, 6),
-        )
+        fields: dict[str, object] = {
+            "respStatusCode": status,
+            "respStatus": _REASONS.get(status, ""),
+            "respBytes": _body_bytes(call, resp),
+            "timeTotal": round(now - call.started, 6),
+            "timeToStatus": round(to_status, 6),
+            "timeWriteBody": round(now - call.started - to_status, 6),
+        }
         if status >= 400 and isinstance(resp, web.Response) and resp.body is not None:
             body = resp.body if isinstance(resp.body, bytes) else b""
             fields["respBody"] = redact(body[:512].decode("utf-8", "replace"))
-        log.info("response", extra={"fields": fields})
+        log_response(call.fields, call.log_shared, fields)
         self.service.metrics.observe(call.request.method, status, now - call.started, to_status)
 
 

@@ -22,6 +22,7 @@ from keeptest import (
     md5,
     request,
     sign,
+    wait_for,
 )
 
 from keepstore.service import Service
@@ -123,7 +124,7 @@ def test_request_timeout_aborts_slow_upload(server_factory: ServerFactory) -> No
         s.close()
     assert out.startswith(b"HTTP/1.1 499 "), out[:100]
     assert srv.index_hashes() == []
-    assert any(line.get("respStatusCode") == 499 for line in srv.log_lines())
+    wait_for(lambda: any(line.get("respStatusCode") == 499 for line in srv.log_lines()), timeout=5, what="499 logged")
 
 
 class SlowIndexVolume(DirectoryVolume):
