@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from collections.abc import Callable
 
 from aiohttp import web
@@ -20,6 +21,10 @@ log = logging.getLogger("keepstore")
 
 async def serve(config: Config, on_ready: Callable[[], None] | None = None) -> None:
     """Serve until SIGTERM/SIGINT, then drain: stop accepting, let requests finish (bounded), stop, return."""
+    # Threads that finish a read, a hash or an fsync must win the GIL back from the event loop before their result
+    # is seen; the default 5 ms switch interval makes them wait up to that long. 0.5 ms measured 5-25% faster on
+    # verified GETs of 1-64 MiB (bench/http_bench.py).
+    sys.setswitchinterval(0.0005)
     service = Service.build(config)
     await service.start()
     http = KeepHTTP(service)

@@ -24,7 +24,7 @@ from .errors import (
     VolumeUnavailable,
 )
 from .hashing import md5_hex
-from .volumes import IndexEntry, Volume
+from .volumes import IndexEntry, LocalBlock, Volume
 
 log = logging.getLogger("keepstore.store")
 
@@ -72,6 +72,19 @@ class WriteResult:
     size: int
     replicas: int
     classes: dict[str, int]
+
+
+@dataclass
+class BlockData:
+    """A verified block: in the caller's buffer (``file`` None), or in an open local file to be sent from there."""
+
+    size: int
+    file: LocalBlock | None = None
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 @dataclass
@@ -152,32 +165,49 @@ class Store:
 
     # --- reads -----------------------------------------------------------------------------------------------
 
-    async def read(self, hash: str, size_hint: int | None, into: memoryview) -> int:
-        """Fill ``into`` with a verified copy of the block and return its size.
+    async def read(self, hash: str, size_hint: int | None, into: memoryview, keep_max: int = 1 << 62) -> BlockData:
+        """Find a verified copy of the block.
 
         Mounts are tried in read order. A copy that fails its MD5 is quarantined and the next mount tried, so a
         corrupt copy is never served while a good one exists (deliberate difference 3). A copy whose MD5 is right
         but whose size differs from the hint means the *locator* is wrong: ChecksumMismatch, nothing quarantined.
+
+        From a driver that keeps blocks in local files the result is the open, verified file (``into`` is used as
+        scratch space, and holds the block too if it is at most ``keep_max`` bytes); otherwise the block is in
+        ``into``. The caller closes the result.
         """
         failure: KeepError | None = None
         corrupt = False
         for mnt in self.rendezvous(hash, self.readable):
             try:
-                n = await mnt.volume.block_read(hash, into)
+                local = await mnt.volume.block_open(hash)
+                if local is None:
+                    size = await mnt.volume.block_read(hash, into)
+                    digest = await md5_hex(into[:size])
+                else:
+                    size = local.size
+                    try:
+                        digest = await local.digest(into, size <= keep_max)
+                    except BaseException:
+                        local.close()
+                        raise
             except BlockNotFound:
                 continue
             except KeepError as exc:
                 failure = failure or exc
                 continue
-            if await md5_hex(into[:n]) != hash:
+            result = BlockData(size, local)
+            if digest != hash:
+                result.close()
                 corrupt = True
                 self.counters.checksum_errors += 1
                 log.error("checksum mismatch in stored data", extra={"fields": {"hash": hash, "mount": mnt.uuid}})
                 self._spawn(self._quarantine(mnt, hash))
                 continue
-            if size_hint is not None and n != size_hint:
+            if size_hint is not None and size != size_hint:
+                result.close()
                 raise ChecksumMismatch()
-            return n
+            return result
         if corrupt:
             raise ChecksumMismatch()
         raise failure or BlockNotFound()

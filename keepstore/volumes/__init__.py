@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..config import Config, ConfigError, VolumeSpec
-from .base import EmptyTrashStats, IndexEntry, Volume, VolumeStats, VolumeUsage
+from .base import EmptyTrashStats, IndexEntry, LocalBlock, Volume, VolumeStats, VolumeUsage
 from .directory import DirectoryParameters, DirectoryVolume
 
 DRIVERS = ("Directory",)
@@ -12,6 +12,7 @@ __all__ = [
     "DRIVERS",
     "EmptyTrashStats",
     "IndexEntry",
+    "LocalBlock",
     "Volume",
     "VolumeStats",
     "VolumeUsage",

@@ -68,6 +68,32 @@ class VolumeStats:
             self.out_bytes += written
 
 
+class LocalBlock(ABC):
+    """A block held in a local file, opened for reading: it can be hashed and then sent with sendfile(2).
+
+    The open file keeps the copy that was opened: a later write or trash of the same block (a rename) does not
+    change what this file reads, so what is verified is exactly what is sent.
+    """
+
+    size: int
+
+    @abstractmethod
+    def fileno(self) -> int:
+        """The open file descriptor (for sendfile)."""
+
+    @abstractmethod
+    async def digest(self, scratch: memoryview, keep: bool) -> str:
+        """MD5 hex of the whole file, read through ``scratch``.
+
+        With ``keep`` and a block that fits, ``scratch[:size]`` holds the block afterwards; otherwise the file is
+        streamed through the start of ``scratch`` in chunks (so a large block costs little memory).
+        """
+
+    @abstractmethod
+    def close(self) -> None:
+        """Close the file. Must not be called while ``digest`` runs."""
+
+
 @dataclass(frozen=True)
 class VolumeUsage:
     bytes_free: int | None
@@ -97,6 +123,13 @@ class Volume(ABC):
         Raises BlockNotFound if absent or trashed, TooLarge if the stored object exceeds ``len(into)``.
         No integrity check: the caller verifies.
         """
+
+    async def block_open(self, hash: str) -> LocalBlock | None:
+        """Open the block as a local file if this driver stores blocks in local files, else return None.
+
+        Raises BlockNotFound (absent or trashed) and TooLarge like ``block_read``.
+        """
+        return None
 
     @abstractmethod
     async def block_write(self, hash: str, data: memoryview) -> None:
