@@ -157,7 +157,7 @@ http {{
 
 
 class Keepstore:
-    def __init__(self, work: Path, buffers: int) -> None:
+    def __init__(self, work: Path, buffers: int, workers: int) -> None:
         self.work = work / "keepstore"
         self.work.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -166,6 +166,7 @@ class Keepstore:
             self.port, [vol], api={"MaxKeepBlobBuffers": buffers, "MaxConcurrentRequests": 2 * buffers + 64}
         )
         cfg["Clusters"]["zzzzz"]["SystemLogs"]["LogLevel"] = "warn"
+        cfg["Clusters"]["zzzzz"]["KeepstorePy"] = {"Workers": workers}
         self.server = KeepServer(workdir=self.work, port=self.port, config=cfg).start()
         self.url = self.server.url
 
@@ -405,6 +406,7 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run (default 10)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per cell; the median is reported")
     ap.add_argument("--buffers", type=int, default=64, help="keepstore MaxKeepBlobBuffers")
+    ap.add_argument("--workers", type=int, default=0, help="keepstore worker processes (0: one per CPU)")
     ap.add_argument("--label", default="", help="write to section http-<label> instead of http")
     ap.add_argument("--work", default=str(ROOT / "bench" / ".work"), help="scratch directory (same disk!)")
     args = ap.parse_args()
@@ -421,7 +423,7 @@ def main() -> None:
     ceilings = {label: durable_write_ceiling(work, size) for label, size in SIZES.items() if label in sizes}
 
     nginx = Nginx(work)
-    ks = Keepstore(work, args.buffers)
+    ks = Keepstore(work, args.buffers, args.workers)
     rows: list[str] = []
     ratios: list[str] = []
     try:
@@ -498,7 +500,8 @@ def main() -> None:
     body = f"""## keepstore vs nginx{f" ({args.label})" if args.label else ""} (`bench/http_bench.py`)
 
 {machine()}. wrk {args.duration:.0f} s per cell{f", median of {args.repeat}" if args.repeat > 1 else ""};
-keepstore: one directory volume, fsync on, every GET verified, MaxKeepBlobBuffers {args.buffers}; nginx: one worker,
+keepstore: one directory volume, fsync on, every GET verified, MaxKeepBlobBuffers {args.buffers},
+{args.workers or os.cpu_count()} worker processes; nginx: one worker,
 WebDAV PUT, no checksum, no fsync. PUTs write unique blocks; GETs read a fixed stored set (page cache warm).
 
 Physical ceilings measured in the same run: md5 {md5_1:,.0f} MB/s on one thread, {md5_2:,.0f} MB/s on two;

@@ -98,16 +98,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if banner:
         print(banner, file=sys.stderr, flush=True)
 
+    from .multiproc import supervise, worker_count
     from .server import serve
 
     try:
-        if os.environ.get("KEEPSTORE_LOOP") == "uvloop":
-            import uvloop
-
-            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-                runner.run(serve(config))
-        else:
-            asyncio.run(serve(config))
+        workers = worker_count(config)
+        if workers > 1:
+            return supervise(config, workers)
+        asyncio.run(serve(config))
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

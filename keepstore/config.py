@@ -102,6 +102,7 @@ class Config:
     drain_timeout: float = 30.0
     pull_connect_timeout: float = 5.0
     pull_read_timeout: float = 60.0
+    workers: int = 0  # worker processes; 0 = one per CPU (see keepstore.multiproc)
     source: str = ""
     warnings: tuple[str, ...] = ()
 
@@ -202,7 +203,7 @@ def _kind(value: Any) -> str:
 # Unknown-key detection
 
 _OWN_KEYS: dict[str, Any] = {
-    "KeepstorePy": {"DrainTimeout": None, "PullConnectTimeout": None, "PullReadTimeout": None},
+    "KeepstorePy": {"DrainTimeout": None, "PullConnectTimeout": None, "PullReadTimeout": None, "Workers": None},
 }
 
 
@@ -343,6 +344,7 @@ def from_document(doc: Any, source: str, env: Mapping[str, str]) -> Config:
         drain_timeout=own.duration("DrainTimeout", 30.0),
         pull_connect_timeout=own.duration("PullConnectTimeout", 5.0),
         pull_read_timeout=own.duration("PullReadTimeout", 60.0),
+        workers=own.integer("Workers", 0, minimum=0),
         source=source,
         warnings=tuple(warnings),
     )

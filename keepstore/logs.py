@@ -69,6 +69,9 @@ def _timestamp(created: float) -> str:
     return f"{_ts_cache[1]}.{ns % 1_000_000_000:09d}Z"
 
 
+_ATOMIC_WRITE = 4096  # PIPE_BUF on Linux
+
+
 class _Output:
     """Where log lines go: buffered in memory and written out in batches.
 
@@ -111,7 +114,18 @@ class _Output:
             self._scheduled = False
         if lines:
             try:
-                self.stream.write("".join(lines))
+                # Several worker processes may share stderr (a pipe to journald): writes of at most PIPE_BUF
+                # bytes are atomic, so lines from different processes never interleave mid-line.
+                chunk: list[str] = []
+                size = 0
+                for line in lines:
+                    if chunk and size + len(line) > _ATOMIC_WRITE:
+                        self.stream.write("".join(chunk))
+                        self.stream.flush()
+                        chunk, size = [], 0
+                    chunk.append(line)
+                    size += len(line)
+                self.stream.write("".join(chunk))
                 self.stream.flush()
             except (OSError, ValueError):
                 pass  # stderr closed: nothing sensible to do
@@ -203,6 +217,12 @@ def fast_info(msg: str, fields: dict[str, Any]) -> None:
 
 def flush() -> None:
     _output.flush()
+
+
+def after_fork() -> None:
+    """In a forked worker: lines must carry the worker's own PID."""
+    _formatter.static["PID"] = os.getpid()
+    _formatter.prefix = f'{{"ClusterID":{_json_str(str(_formatter.static["ClusterID"]))},"PID":{os.getpid()},'
 
 
 # Per-request lines, the hottest log path: the JSON is assembled from fragments in the fixed sorted key order

@@ -1,24 +1,21 @@
 """Prometheus metrics with the Arvados names (SPEC §7.1), so existing keepstore dashboards keep working.
 
-Gauges and counters that mirror live state (buffer pool, queues, per-volume counters, limiter) are read from the
-service when scraped, so nothing on the request path updates them. Request durations are prometheus-client
-summaries. The text exposition is written here rather than by prometheus-client, whose counters are always renamed
-with a ``_total`` suffix: the Go keepstore exposes ``arvados_keepstore_volume_operations``, not ``..._total``.
+Everything is produced from a state snapshot (``keepstore.state``) when scraped, so nothing on the request path
+updates a metric object; request durations are two plain numbers per (code, method). prometheus-client provides the
+metric model; the text exposition is written here because prometheus-client renames every counter with a
+``_total`` suffix, and the Go keepstore exposes ``arvados_keepstore_volume_operations``, not ``..._total``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 
 from . import __version__
-
-if TYPE_CHECKING:
-    from .service import Service
+from .state import State
 
 
 def _family(name: str, doc: str, kind: str, samples: Iterable[tuple[dict[str, str], float]]) -> Metric:
@@ -28,117 +25,121 @@ def _family(name: str, doc: str, kind: str, samples: Iterable[tuple[dict[str, st
     return m
 
 
-class _ServiceCollector:
-    def __init__(self, service: Service) -> None:
-        self.service = service
-
-    def collect(self) -> Iterator[Metric]:
-        svc = self.service
-        pool = svc.pool.status()
+def families(state: State) -> Iterator[Metric]:
+    """Every metric family, from a (possibly merged) state snapshot."""
+    for name, doc, idx in (
+        ("request_duration_seconds", "Summary of request duration.", 1),
+        ("time_to_status_seconds", "Summary of request TTFB.", 2),
+    ):
+        m = Metric(name, doc, "summary")
+        for key, s in sorted(state["requests"].items()):
+            code, method = key.split(" ", 1)
+            labels = {"code": code, "method": method}
+            m.add_sample(f"{name}_sum", labels, s[idx])
+            m.add_sample(f"{name}_count", labels, s[0])
+        yield m
+    pool = state["pool"]
+    yield _family(
+        "arvados_keepstore_bufferpool_allocated_bytes",
+        "Number of bytes allocated to buffers",
+        "gauge",
+        [({}, pool["bytes_allocated"])],
+    )
+    yield _family(
+        "arvados_keepstore_bufferpool_max_buffers",
+        "Maximum number of buffers allowed",
+        "gauge",
+        [({}, pool["max_buffers"])],
+    )
+    yield _family(
+        "arvados_keepstore_bufferpool_inuse_buffers", "Number of buffers in use", "gauge", [({}, pool["in_use"])]
+    )
+    for name in ("pull", "trash"):
+        q = state[f"{name}_queue"]
         yield _family(
-            "arvados_keepstore_bufferpool_allocated_bytes",
-            "Number of bytes allocated to buffers",
+            f"arvados_keepstore_{name}_queue_pending_entries",
+            f"Number of queued {name} requests",
             "gauge",
-            [({}, pool.bytes_allocated)],
+            [({}, q["Queued"])],
         )
         yield _family(
-            "arvados_keepstore_bufferpool_max_buffers",
-            "Maximum number of buffers allowed",
+            f"arvados_keepstore_{name}_queue_inprogress_entries",
+            f"Number of {name} requests in progress",
             "gauge",
-            [({}, pool.max_buffers)],
+            [({}, q["InProgress"])],
         )
-        yield _family(
-            "arvados_keepstore_bufferpool_inuse_buffers", "Number of buffers in use", "gauge", [({}, pool.in_use)]
-        )
-        for name, queue in (("pull", svc.pull_queue), ("trash", svc.trash_queue)):
-            st = queue.status()
-            yield _family(
-                f"arvados_keepstore_{name}_queue_pending_entries",
-                f"Number of queued {name} requests",
-                "gauge",
-                [({}, st.queued)],
-            )
-            yield _family(
-                f"arvados_keepstore_{name}_queue_inprogress_entries",
-                f"Number of {name} requests in progress",
-                "gauge",
-                [({}, st.in_progress)],
-            )
-        ops, errors, io = [], [], []
-        for mnt in svc.store.mounts:
-            dev = mnt.volume.device_id
-            stats = mnt.volume.stats
-            ops += [({"device_id": dev, "operation": k}, v) for k, v in sorted(stats.ops.items())]
-            errors += [({"device_id": dev, "error_type": k}, v) for k, v in sorted(stats.errors.items())]
-            io += [
-                ({"device_id": dev, "direction": "in"}, stats.in_bytes),
-                ({"device_id": dev, "direction": "out"}, stats.out_bytes),
-            ]
-        yield _family("arvados_keepstore_volume_operations", "Number of volume operations", "counter", ops)
-        yield _family("arvados_keepstore_volume_errors", "Number of volume errors", "counter", errors)
-        yield _family("arvados_keepstore_volume_io_bytes", "Volume I/O traffic in bytes", "counter", io)
-        c = svc.store.counters
-        yield _family(
-            "arvados_keepstore_checksum_errors",
-            "Stored copies that failed verification on read",
-            "counter",
-            [({}, c.checksum_errors)],
-        )
-        yield _family(
-            "arvados_keepstore_quarantined_blocks",
-            "Corrupt copies moved to quarantine",
-            "counter",
-            [({}, c.quarantined)],
-        )
-        yield _family(
-            "arvados_keepstore_pull_results",
-            "Pull list items processed, by outcome",
-            "counter",
-            [({"outcome": k}, v) for k, v in sorted(svc.pull_outcomes.items())],
-        )
-        yield _family(
-            "arvados_keepstore_trash_results",
-            "Trash list items processed, by outcome",
-            "counter",
-            [({"outcome": k}, v) for k, v in sorted(svc.trash_outcomes.items())],
-        )
-        yield _family(
-            "arvados_keepstore_emptytrash_deleted_blocks",
-            "Blocks deleted by the trash sweep",
-            "counter",
-            [({}, svc.sweep_totals["blocks"])],
-        )
-        yield _family(
-            "arvados_keepstore_emptytrash_deleted_bytes",
-            "Bytes deleted by the trash sweep",
-            "counter",
-            [({}, svc.sweep_totals["bytes"])],
-        )
-        lim = svc.limiter
-        yield _family(
-            "arvados_concurrent_requests", "Number of requests in progress", "gauge", [({"queue": "api"}, lim.active)]
-        )
-        yield _family(
-            "arvados_max_concurrent_requests",
-            "Maximum number of concurrent requests",
-            "gauge",
-            [({"queue": "api"}, lim.max_concurrent)],
-        )
-        yield _family(
-            "arvados_max_queued_requests",
-            "Maximum number of queued requests",
-            "gauge",
-            [({"queue": "api"}, lim.max_queued)],
-        )
-        yield _family(
-            "arvados_queued_requests",
-            "Number of requests in queue",
-            "gauge",
-            [({"queue": "api", "priority": p}, n) for p, n in lim.queued().items()],
-        )
-        yield _family(
-            "arvados_version_running", "Indicated version is running", "gauge", [({"version": __version__}, 1)]
-        )
+    ops, errors, io = [], [], []
+    for vol in state["volumes"].values():
+        dev = vol["device_id"]
+        ops += [({"device_id": dev, "operation": k}, v) for k, v in sorted(vol["ops"].items())]
+        errors += [({"device_id": dev, "error_type": k}, v) for k, v in sorted(vol["errors"].items())]
+        io += [
+            ({"device_id": dev, "direction": "in"}, vol["in_bytes"]),
+            ({"device_id": dev, "direction": "out"}, vol["out_bytes"]),
+        ]
+    yield _family("arvados_keepstore_volume_operations", "Number of volume operations", "counter", ops)
+    yield _family("arvados_keepstore_volume_errors", "Number of volume errors", "counter", errors)
+    yield _family("arvados_keepstore_volume_io_bytes", "Volume I/O traffic in bytes", "counter", io)
+    c = state["counters"]
+    yield _family(
+        "arvados_keepstore_checksum_errors",
+        "Stored copies that failed verification on read",
+        "counter",
+        [({}, c["checksum_errors"])],
+    )
+    yield _family(
+        "arvados_keepstore_quarantined_blocks",
+        "Corrupt copies moved to quarantine",
+        "counter",
+        [({}, c["quarantined"])],
+    )
+    yield _family(
+        "arvados_keepstore_pull_results",
+        "Pull list items processed, by outcome",
+        "counter",
+        [({"outcome": k}, v) for k, v in sorted(state["pull_outcomes"].items())],
+    )
+    yield _family(
+        "arvados_keepstore_trash_results",
+        "Trash list items processed, by outcome",
+        "counter",
+        [({"outcome": k}, v) for k, v in sorted(state["trash_outcomes"].items())],
+    )
+    yield _family(
+        "arvados_keepstore_emptytrash_deleted_blocks",
+        "Blocks deleted by the trash sweep",
+        "counter",
+        [({}, state["sweep"]["blocks"])],
+    )
+    yield _family(
+        "arvados_keepstore_emptytrash_deleted_bytes",
+        "Bytes deleted by the trash sweep",
+        "counter",
+        [({}, state["sweep"]["bytes"])],
+    )
+    lim = state["limiter"]
+    yield _family(
+        "arvados_concurrent_requests", "Number of requests in progress", "gauge", [({"queue": "api"}, lim["active"])]
+    )
+    yield _family(
+        "arvados_max_concurrent_requests",
+        "Maximum number of concurrent requests",
+        "gauge",
+        [({"queue": "api"}, lim["max_concurrent"])],
+    )
+    yield _family(
+        "arvados_max_queued_requests",
+        "Maximum number of queued requests",
+        "gauge",
+        [({"queue": "api"}, lim["max_queued"])],
+    )
+    yield _family(
+        "arvados_queued_requests",
+        "Number of requests in queue",
+        "gauge",
+        [({"queue": "api", "priority": p}, n) for p, n in sorted(lim["queued"].items())],
+    )
+    yield _family("arvados_version_running", "Indicated version is running", "gauge", [({"version": __version__}, 1)])
 
 
 class _RequestCollector:
@@ -160,45 +161,25 @@ class _RequestCollector:
         s[1] += total
         s[2] += to_status
 
-    def collect(self) -> Iterator[Metric]:
-        for name, doc, idx in (
-            ("request_duration_seconds", "Summary of request duration.", 1),
-            ("time_to_status_seconds", "Summary of request TTFB.", 2),
-        ):
-            m = Metric(name, doc, "summary")
-            for (code, method), s in sorted(self.series.items()):
-                labels = {"code": code, "method": method}
-                m.add_sample(f"{name}_sum", labels, s[idx])
-                m.add_sample(f"{name}_count", labels, s[0])
-            yield m
-
 
 class Metrics:
-    def __init__(self, service: Service) -> None:
-        self.registry = CollectorRegistry(auto_describe=False)
+    def __init__(self) -> None:
         self.requests = _RequestCollector()
-        self.registry.register(self.requests)
-        self.registry.register(_ServiceCollector(service))
         self.observe = self.requests.observe
 
-    def families(self) -> list[Metric]:
-        return list(self.registry.collect())
-
-    def text(self) -> str:
+    def text(self, state: State) -> str:
         out: list[str] = []
-        for fam in self.families():
+        for fam in families(state):
             out.append(f"# HELP {fam.name} {_escape_help(fam.documentation)}")
             out.append(f"# TYPE {fam.name} {fam.type}")
             for s in fam.samples:
-                if s.name.endswith("_created"):
-                    continue
                 out.append(f"{s.name}{_labels(s.labels)} {_number(s.value)}")
         return "\n".join(out) + "\n"
 
-    def json(self) -> list[dict[str, Any]]:
+    def json(self, state: State) -> list[dict[str, Any]]:
         """Metric families in the shape of the protobuf JSON the Go services serve at /metrics.json."""
         out: list[dict[str, Any]] = []
-        for fam in self.families():
+        for fam in families(state):
             metrics: list[dict[str, Any]] = []
             if fam.type == "summary":
                 series: dict[tuple[tuple[str, str], ...], dict[str, float]] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Callable
 
@@ -14,34 +15,66 @@ from . import logs
 from .config import Config
 from .http.app import KeepHTTP
 from .http.protocol import KeepServer
+from .multiproc import WorkerInfo, internal_app
 from .service import Service
+from .state import snapshot
 
 log = logging.getLogger("keepstore")
 
 
-async def serve(config: Config, on_ready: Callable[[], None] | None = None) -> None:
-    """Serve until SIGTERM/SIGINT, then drain: stop accepting, let requests finish (bounded), stop, return."""
+def bind_socket(config: Config, reuse_port: bool = False) -> socket.socket:
+    """A listening socket for the configured address (with SO_REUSEPORT: one of a group, one per worker)."""
+    try:
+        infos = socket.getaddrinfo(config.listen_host, config.listen_port, type=socket.SOCK_STREAM)
+        family = infos[0][0]
+        address = (infos[0][4][0], config.listen_port)
+        return socket.create_server(address, family=family, backlog=1024, reuse_port=reuse_port)
+    except OSError as exc:
+        raise SystemExit(f"cannot listen on {config.listen_host}:{config.listen_port}: {exc.strerror or exc}") from None
+
+
+async def serve(
+    config: Config,
+    on_ready: Callable[[], None] | None = None,
+    sock: socket.socket | None = None,
+    worker: WorkerInfo | None = None,
+) -> None:
+    """Serve until SIGTERM/SIGINT, then drain: stop accepting, let requests finish (bounded), stop, return.
+
+    ``sock`` and ``worker`` are given when this process is one of several workers (keepstore.multiproc).
+    """
     # Threads that finish a read, a hash or an fsync must win the GIL back from the event loop before their result
     # is seen; the default 5 ms switch interval makes them wait up to that long. 0.5 ms measured 5-25% faster on
     # verified GETs of 1-64 MiB (bench/http_bench.py).
     sys.setswitchinterval(0.0005)
+    if sock is None:
+        sock = bind_socket(config)
     service = Service.build(config)
+    if worker is not None:
+        service.primary = worker.primary
+        service.peers = worker.peers
+        service.worker = worker
     await service.start()
     http = KeepHTTP(service)
     service.http = http
     server = KeepServer(http.handle, handler_cancellation=True, auto_decompress=False)
     runner = web.ServerRunner(server, shutdown_timeout=config.drain_timeout, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, config.listen_host, config.listen_port, reuse_address=True)
-    try:
-        await site.start()
-    except OSError as exc:
-        await runner.cleanup()
-        await service.close()
-        raise SystemExit(f"cannot listen on {config.listen_host}:{config.listen_port}: {exc.strerror}") from None
+    await web.SockSite(runner, sock).start()
+    internal: web.AppRunner | None = None
+    if worker is not None:
+        internal = web.AppRunner(internal_app(lambda: snapshot(service), service.accept_list))
+        await internal.setup()
+        await web.UnixSite(internal, worker.own_socket).start()
     log.info(
         "listening",
-        extra={"fields": {"URL": config.internal_url, "Listen": f"{config.listen_host}:{config.listen_port}"}},
+        extra={
+            "fields": {
+                "URL": config.internal_url,
+                "Listen": f"{config.listen_host}:{config.listen_port}",
+                "Worker": worker.index if worker else 0,
+            }
+        },
     )
     if on_ready is not None:
         on_ready()
@@ -58,6 +91,8 @@ async def serve(config: Config, on_ready: Callable[[], None] | None = None) -> N
             loop.remove_signal_handler(sig)
         await service.stop_workers()
         await runner.cleanup()
+        if internal is not None:
+            await internal.cleanup()
         await service.close()
         log.info("stopped")
         logs.flush()

@@ -12,16 +12,18 @@ from .config import Config
 from .limiter import RequestLimiter
 from .metrics import Metrics
 from .signing import Signer
+from .state import State, merge, snapshot
 from .store import Mount, Store
 from .volumes import open_volume
 from .workers.group import WorkerGroup
-from .workers.lists import PullRequest, TrashRequest
+from .workers.lists import PullRequest, TrashRequest, parse_pull_list, parse_trash_list
 from .workers.pull import Puller
 from .workers.queue import WorkQueue
 from .workers.trash import Trasher, TrashSweeper
 
 if TYPE_CHECKING:
     from .http.app import KeepHTTP
+    from .multiproc import WorkerInfo
 
 log = logging.getLogger("keepstore")
 
@@ -45,8 +47,21 @@ class Service:
 
     http: KeepHTTP | None = None  # set by the server, for /_inspect/requests
 
+    peers: list[str] = field(default_factory=list)  # internal sockets of the other workers (multi-process)
+    primary: bool = True  # runs the pull/trash workers and the sweeps (the only one in a single process)
+    worker: WorkerInfo | None = None
+
     def __post_init__(self) -> None:
-        self.metrics = Metrics(self)
+        self.metrics = Metrics()
+
+    async def state(self) -> State:
+        """This server's state: this process's, merged with every other worker's when there are several."""
+        local = snapshot(self)
+        if not self.peers:
+            return local
+        from .multiproc import gather_states
+
+        return merge([local, *await gather_states(self.peers)])
 
     @classmethod
     def build(cls, config: Config) -> Service:
@@ -67,8 +82,9 @@ class Service:
                 f"started volume {mnt.uuid} ({mnt.volume.device_id}), AllowWrite={mnt.allow_write}, "
                 f"AllowTrash={mnt.allow_trash}"
             )
-        self._tasks.append(asyncio.create_task(self._sweep_temporary()))
-        await self._start_workers()
+        if self.primary:
+            self._tasks.append(asyncio.create_task(self._sweep_temporary()))
+            await self._start_workers()
 
     async def _start_workers(self) -> None:
         cfg = self.config
@@ -89,6 +105,20 @@ class Service:
             self.sweeper.start()
         for group in self._groups:
             group.start()
+
+    async def accept_list(self, kind: str, body: bytes) -> int:
+        """Validate a pull or trash list and replace the queue with it (here, or in the primary worker)."""
+        items: list[Any] = parse_pull_list(body) if kind == "pull" else parse_trash_list(body)
+        if not self.primary:
+            assert self.worker is not None
+            from .multiproc import forward_list
+
+            await forward_list(self.worker.primary_socket, kind, body)
+        elif kind == "pull":
+            self.pull_queue.replace(items)
+        else:
+            self.trash_queue.replace(items)
+        return len(items)
 
     async def stop_workers(self) -> None:
         """Stop pull and trash workers where they stand, and the sweep (SIGTERM; also part of close)."""

@@ -285,11 +285,31 @@ def temp_files(root: Path) -> list[Path]:
     return [f for sub in root.iterdir() if sub.is_dir() for f in sub.iterdir() if f.name.startswith("tmp")]
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (a keepstore with several workers is a supervisor and its children)."""
+    out = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            for child in (task / "children").read_text().split():
+                out += process_tree(int(child))
+        except OSError:
+            pass
+    return out
+
+
 def peak_rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmHWM")
+    """Sum of the peak RSS (VmHWM) of ``pid`` and its descendants: an upper bound of their combined peak."""
+    total = 0
+    for p in process_tree(pid):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    if not total:
+        raise RuntimeError("no VmHWM")
+    return total
 
 
 class InProcessServer:

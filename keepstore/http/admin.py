@@ -12,7 +12,6 @@ from aiohttp import web
 
 from ..errors import ClientGone, KeepError, MethodNotAllowed, TooLarge
 from ..locator import parse_locator
-from ..workers.lists import parse_pull_list, parse_trash_list
 from .app import Call
 from .auth import require_root
 
@@ -126,16 +125,14 @@ async def _read_list(call: Call) -> bytes:
 async def pull_list(call: Call, match: re.Match[str]) -> web.StreamResponse:
     """Replace the pull queue with a validated list (SPEC §2.11, difference 6)."""
     _root(call)
-    items = parse_pull_list(await _read_list(call))
-    call.service.pull_queue.replace(items)
-    log.info("pull list received", extra={"fields": {"RequestID": call.request_id, "items": len(items)}})
+    n = await call.service.accept_list("pull", await _read_list(call))
+    log.info("pull list received", extra={"fields": {"RequestID": call.request_id, "items": n}})
     return web.Response(status=200)
 
 
 async def trash_list(call: Call, match: re.Match[str]) -> web.StreamResponse:
     """Replace the trash queue with a validated list (SPEC §2.12, difference 6)."""
     _root(call)
-    items = parse_trash_list(await _read_list(call))
-    call.service.trash_queue.replace(items)
-    log.info("trash list received", extra={"fields": {"RequestID": call.request_id, "items": len(items)}})
+    n = await call.service.accept_list("trash", await _read_list(call))
+    log.info("trash list received", extra={"fields": {"RequestID": call.request_id, "items": n}})
     return web.Response(status=200)

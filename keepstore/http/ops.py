@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 
 from aiohttp import web
 
@@ -65,7 +64,7 @@ async def metrics(call: Call, match: re.Match[str]) -> web.StreamResponse:
     denied = _management_token_ok(call)
     if denied is not None:
         return denied
-    body = call.service.metrics.text().encode()
+    body = call.service.metrics.text(await call.service.state()).encode()
     resp = web.Response(status=200, body=body)
     resp.headers["Content-Type"] = "text/plain; version=0.0.4; charset=utf-8"
     return resp
@@ -77,7 +76,7 @@ async def metrics_json(call: Call, match: re.Match[str]) -> web.StreamResponse:
     denied = _management_token_ok(call)
     if denied is not None:
         return denied
-    return _json(call.service.metrics.json())
+    return _json(call.service.metrics.json(await call.service.state()))
 
 
 async def status_json(call: Call, match: re.Match[str]) -> web.StreamResponse:
@@ -88,10 +87,11 @@ async def status_json(call: Call, match: re.Match[str]) -> web.StreamResponse:
     if denied is not None:
         return denied
     svc = call.service
+    state = await svc.state()
     volumes = []
     for mnt in svc.store.mounts:
         usage = await mnt.volume.usage()
-        stats = mnt.volume.stats
+        vol = state["volumes"][mnt.uuid]
         volumes.append(
             {
                 "UUID": mnt.uuid,
@@ -101,28 +101,29 @@ async def status_json(call: Call, match: re.Match[str]) -> web.StreamResponse:
                 "AllowWrite": mnt.allow_write,
                 "AllowTrash": mnt.allow_trash,
                 "InternalStats": {
-                    "Ops": dict(stats.ops),
-                    "ErrorCodes": dict(stats.errors),
-                    "Errors": sum(stats.errors.values()),
-                    "InBytes": stats.in_bytes,
-                    "OutBytes": stats.out_bytes,
+                    "Ops": vol["ops"],
+                    "ErrorCodes": vol["errors"],
+                    "Errors": sum(vol["errors"].values()),
+                    "InBytes": vol["in_bytes"],
+                    "OutBytes": vol["out_bytes"],
                 },
             }
         )
-    pool = svc.pool.status()
+    pool = state["pool"]
+    lim = state["limiter"]
     doc = {
         "Volumes": volumes,
         "BufferPool": {
-            "BuffersMax": pool.max_buffers,
-            "BuffersInUse": pool.in_use,
-            "BytesAllocated": pool.bytes_allocated,
-            "Waiting": pool.waiting,
+            "BuffersMax": pool["max_buffers"],
+            "BuffersInUse": pool["in_use"],
+            "BytesAllocated": pool["bytes_allocated"],
+            "Waiting": pool["waiting"],
         },
-        "PullQueue": svc.pull_queue.status().as_json(),
-        "TrashQueue": svc.trash_queue.status().as_json(),
-        "RequestsCurrent": svc.limiter.active,
-        "RequestsMax": svc.limiter.max_concurrent,
-        "RequestsQueued": sum(svc.limiter.queued().values()),
+        "PullQueue": state["pull_queue"],
+        "TrashQueue": state["trash_queue"],
+        "RequestsCurrent": lim["active"],
+        "RequestsMax": lim["max_concurrent"],
+        "RequestsQueued": sum(lim["queued"].values()),
         "Version": __version__,
     }
     return _json(doc)
@@ -133,23 +134,7 @@ async def inspect_requests(call: Call, match: re.Match[str]) -> web.StreamRespon
     header = call.request.headers.get("Authorization", "")
     if not token or not same_token(header, "Bearer " + token):
         return web.Response(status=401, body=b'{"errors":["unauthorized"]}\n', content_type="application/json")
-    now = time.monotonic()
-    out = []
-    assert call.service.http is not None
-    for c in call.service.http.in_flight.values():
-        r = c.request
-        out.append(
-            {
-                "RequestID": c.request_id,
-                "Method": r.method,
-                "Host": r.host,
-                "URL": c.fields.get("reqPath", ""),
-                "RemoteAddr": c.fields.get("remoteAddr", ""),
-                "XForwardedFor": r.headers.get("X-Forwarded-For", ""),
-                "Elapsed": round(now - c.started, 6),
-            }
-        )
-    out.sort(key=lambda d: float(d["Elapsed"]))  # type: ignore[arg-type]
+    out = sorted((await call.service.state())["inflight"], key=lambda d: float(d["Elapsed"]))
     return _json(out)
 
 

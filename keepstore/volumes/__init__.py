@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from ..config import Config, ConfigError, VolumeSpec
 from .base import EmptyTrashStats, IndexEntry, LocalBlock, Volume, VolumeStats, VolumeUsage
 from .directory import DirectoryParameters, DirectoryVolume
@@ -22,9 +24,15 @@ __all__ = [
 
 
 def check_volume_specs(config: Config) -> None:
-    """Validate every volume's driver name and DriverParameters; raise ConfigError naming the key."""
+    """Validate every volume's driver name and DriverParameters; raise ConfigError naming the key.
+
+    Includes what can only be checked on this machine (a Directory root must exist), so that a server with several
+    worker processes fails once, at start-up, instead of in every worker.
+    """
     for spec in config.volumes:
-        _parse(spec)
+        params = _parse(spec)
+        if not os.path.isdir(params.root):
+            raise ConfigError(f"{spec.key_path}.DriverParameters.Root", f"{params.root} is not a directory")
 
 
 def _parse(spec: VolumeSpec) -> DirectoryParameters:

@@ -102,7 +102,7 @@ def test_logs_have_no_secrets_and_one_response_per_request(server_factory: Serve
         assert secret not in text, secret
     lines = srv.log_lines()
     responses = [x for x in lines if x["msg"] == "response"]
-    assert len(responses) == 1 + len(requests)
+    assert len(responses) == 1 + len(requests), [(x["reqMethod"], x["reqPath"][:20], x["PID"]) for x in responses]
     assert len({x["RequestID"] for x in responses}) == len(responses)
     assert len([x for x in lines if x["msg"] == "request"]) == len(responses)
     for x in responses:

@@ -355,11 +355,15 @@ def test_unknown_driver_via_cli_load(tmp_path: Path) -> None:
 
 def test_root_must_exist(tmp_path: Path) -> None:
     missing = tmp_path / "missing"
-    c = cli.load(str(write_config(tmp_path, make_doc(root=str(missing)))))
+    expected = f"Clusters.zzzzz.Volumes.{UUID0}.DriverParameters.Root: {missing} is not a directory"
+    with pytest.raises(ConfigError) as info:
+        cli.load(str(write_config(tmp_path, make_doc(root=str(missing)))))
+    assert str(info.value) == expected
+    c = load_text(yaml.safe_dump(make_doc(root=str(missing))), env={})
     spec = c.volumes[0]
     with pytest.raises(ConfigError) as info:
         DirectoryVolume(spec, DirectoryParameters.parse(spec.parameters, spec.key_path))
-    assert str(info.value) == f"Clusters.zzzzz.Volumes.{UUID0}.DriverParameters.Root: {missing} is not a directory"
+    assert str(info.value) == expected
     # a file is not a directory either
     (tmp_path / "file").write_text("")
     with pytest.raises(ConfigError):

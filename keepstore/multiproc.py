@@ -1,0 +1,314 @@
+"""Several worker processes serving one port.
+
+One Python process runs one event loop and holds one GIL: for small blocks keepstore is CPU-bound on a single core.
+With ``KeepstorePy.Workers`` > 1 (the default is one per CPU, at most 8), a supervisor process binds the listening
+socket and forks that many workers, which all accept on it. What must stay correct across them:
+
+* **Memory and concurrency bounds** are split: each worker gets its share of ``MaxKeepBlobBuffers``,
+  ``MaxConcurrentRequests`` and ``MaxQueuedRequests`` (so the totals still hold), and there are never more workers
+  than buffers or request slots.
+* **The pull and trash queues** exist once: worker 0 (the primary) owns them, runs the pull/trash workers, the
+  trash sweep and the start-up temp-file sweep. Another worker that receives ``PUT /pull`` or ``PUT /trash``
+  validates the list and forwards it to the primary.
+* **Metrics and status** are totals: the worker answering ``/metrics`` or ``/status.json`` merges every worker's
+  state snapshot (``keepstore.state``), fetched over the workers' internal Unix sockets.
+* **Connections** are spread by the kernel: each worker accepts on its own SO_REUSEPORT socket.
+* **Life and death**: workers die with the supervisor (``PR_SET_PDEATHSIG``), so a crash of the whole service is
+  a crash of every process; the supervisor restarts a worker that dies on its own; SIGTERM is forwarded and each
+  worker drains; the supervisor exits 0 once all are done.
+
+The internal sockets live in a private directory (mode 0700) and accept only local connections from the same user.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from .config import Config, ConfigError
+from .state import State
+
+log = logging.getLogger("keepstore.workers")
+
+MAX_AUTO_WORKERS = 8
+EXIT_CONFIG = 2
+_PR_SET_PDEATHSIG = 1
+_SUPERVISED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    index: int
+    count: int
+    sockets: tuple[str, ...]  # internal socket of every worker, by index
+
+    @property
+    def primary(self) -> bool:
+        return self.index == 0
+
+    @property
+    def own_socket(self) -> str:
+        return self.sockets[self.index]
+
+    @property
+    def primary_socket(self) -> str:
+        return self.sockets[0]
+
+    @property
+    def peers(self) -> list[str]:
+        return [s for i, s in enumerate(self.sockets) if i != self.index]
+
+
+def worker_count(config: Config) -> int:
+    """How many worker processes: configured, or one per CPU (at most 8); never more than the resources allow."""
+    n = config.workers or min(os.cpu_count() or 1, MAX_AUTO_WORKERS)
+    n = min(n, config.max_keep_blob_buffers)
+    if config.max_concurrent_requests > 0:
+        n = min(n, config.max_concurrent_requests)
+    return max(1, n)
+
+
+def _share(total: int, index: int, count: int) -> int:
+    return total // count + (1 if index < total % count else 0)
+
+
+def worker_config(config: Config, index: int, count: int) -> Config:
+    """The config one worker runs with: its share of the buffer pool and of the request limits."""
+    return dataclasses.replace(
+        config,
+        max_keep_blob_buffers=_share(config.max_keep_blob_buffers, index, count),
+        max_concurrent_requests=_share(config.max_concurrent_requests, index, count),
+        max_queued_requests=_share(config.max_queued_requests, index, count),
+    )
+
+
+# --- supervisor ----------------------------------------------------------------------------------------------------
+
+
+def supervise(config: Config, count: int) -> int:
+    """Bind, fork ``count`` workers, keep them running until SIGTERM/SIGINT, then drain them. Returns the exit code."""
+    from .server import bind_socket
+
+    # One SO_REUSEPORT socket per worker, all bound here: the kernel spreads incoming connections over them (one
+    # shared socket would let whichever worker wakes first accept a whole burst), and as the supervisor keeps them
+    # open, connections that arrive while a worker restarts wait in its socket's queue for the new one.
+    socks = [bind_socket(config, reuse_port=True) for _ in range(count)]
+    rundir = tempfile.mkdtemp(prefix="keepstore-", dir=os.environ.get("RUNTIME_DIRECTORY") or None)
+    sockets = tuple(f"{rundir}/worker-{i}.sock" for i in range(count))
+    ready_r, ready_w = os.pipe()
+    signal.pthread_sigmask(signal.SIG_BLOCK, _SUPERVISED)
+    children: dict[int, int] = {}  # pid -> worker index
+    started: dict[int, float] = {}  # worker index -> start time
+
+    def spawn(index: int) -> None:
+        from . import logs
+
+        logs.flush()  # else the child would write the parent's pending lines again
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.close(ready_r)
+                _child_setup()
+                for i, other in enumerate(socks):
+                    if i != index:
+                        other.close()
+                code = _run_worker(config, WorkerInfo(index, count, sockets), socks[index], ready_w)
+            except ConfigError as exc:
+                print(f"config error: {exc}", file=sys.stderr, flush=True)
+                code = EXIT_CONFIG
+            except BaseException:
+                log.exception("worker crashed", extra={"fields": {"worker": index}})
+            finally:
+                from . import logs
+
+                logs.flush()
+                os._exit(code)
+        children[pid] = index
+        started[index] = time.monotonic()
+
+    log.info(f"starting {count} worker processes", extra={"fields": {"workers": count}})
+    for i in range(count):
+        spawn(i)
+    os.close(ready_w)
+    stopping = False
+    exit_code = 0
+    ready = 0
+    fast_failures = 0
+    deadline: float | None = None
+    try:
+        while children:
+            if ready < count:
+                ready += _count_ready(ready_r)
+                if ready >= count:
+                    log.info("all workers ready", extra={"fields": {"workers": count}})
+            info = signal.sigtimedwait(_SUPERVISED, 0.2)
+            if info is not None:
+                if info.si_signo in (signal.SIGTERM, signal.SIGINT) and not stopping:
+                    stopping = True
+                    deadline = time.monotonic() + config.drain_timeout + 10
+                    log.info("stopping workers", extra={"fields": {"signal": signal.Signals(info.si_signo).name}})
+                    _signal_all(children, signal.SIGTERM)
+                elif info.si_signo == signal.SIGHUP:
+                    _signal_all(children, signal.SIGHUP)
+            for pid, status in _reap():
+                index = children.pop(pid, None)
+                if index is None:
+                    continue
+                code = os.waitstatus_to_exitcode(status)
+                if stopping:
+                    continue
+                if code == EXIT_CONFIG:
+                    stopping = True
+                    deadline = time.monotonic() + config.drain_timeout + 10
+                    _signal_all(children, signal.SIGTERM)
+                    exit_code = EXIT_CONFIG
+                    continue
+                lived = time.monotonic() - started[index]
+                fast_failures = fast_failures + 1 if lived < 5 else 0
+                log.error(
+                    "worker exited unexpectedly; restarting",
+                    extra={"fields": {"worker": index, "exit": code, "seconds": round(lived, 3)}},
+                )
+                if fast_failures > 5:
+                    log.error("workers keep failing at start-up: giving up")
+                    stopping = True
+                    deadline = time.monotonic() + config.drain_timeout + 10
+                    _signal_all(children, signal.SIGTERM)
+                    return 1
+                time.sleep(min(1.0, 0.1 * fast_failures))
+                spawn(index)
+            if deadline is not None and time.monotonic() > deadline:
+                log.error("workers did not stop in time: killing them")
+                _signal_all(children, signal.SIGKILL)
+                deadline = None
+        return exit_code
+    finally:
+        os.close(ready_r)
+        for s in socks:
+            s.close()
+        shutil.rmtree(rundir, ignore_errors=True)
+
+
+def _count_ready(fd: int) -> int:
+    os.set_blocking(fd, False)
+    try:
+        return len(os.read(fd, 64))
+    except BlockingIOError:
+        return 0
+
+
+def _reap() -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return out
+        if pid == 0:
+            return out
+        out.append((pid, status))
+
+
+def _signal_all(children: dict[int, int], sig: int) -> None:
+    for pid in children:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _child_setup() -> None:
+    """In a freshly forked worker: die with the supervisor; take signals normally again."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == 1:  # the supervisor died between fork and prctl
+        os._exit(1)
+    for sig in _SUPERVISED:
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SUPERVISED)
+    from . import logs
+
+    logs.after_fork()
+
+
+def _run_worker(config: Config, worker: WorkerInfo, sock: socket.socket, ready_w: int) -> int:
+    from .server import serve
+
+    def ready() -> None:
+        os.write(ready_w, b"r")
+        os.close(ready_w)
+
+    asyncio.run(serve(worker_config(config, worker.index, worker.count), sock=sock, worker=worker, on_ready=ready))
+    return 0
+
+
+# --- internal channel between workers ------------------------------------------------------------------------------
+
+
+def internal_app(get_state: Any, accept_list: Any) -> web.Application:
+    """The primary's and every worker's internal endpoints (Unix socket only)."""
+
+    async def state(request: web.Request) -> web.Response:
+        return web.json_response(get_state())
+
+    async def put_list(request: web.Request) -> web.Response:
+        body = await request.read()
+        await accept_list(request.match_info["kind"], body)
+        return web.Response(status=200)
+
+    app = web.Application(client_max_size=256 << 20)
+    app.router.add_get("/state", state)
+    app.router.add_put("/{kind:pull|trash}", put_list)
+    return app
+
+
+async def gather_states(peers: list[str]) -> list[State]:
+    """Every peer's state snapshot; a peer that does not answer within 2 s is left out (and logged)."""
+
+    async def one(path: str) -> State | None:
+        try:
+            async with (
+                aiohttp.ClientSession(
+                    connector=aiohttp.UnixConnector(path=path), timeout=aiohttp.ClientTimeout(total=2)
+                ) as s,
+                s.get("http://worker/state") as r,
+            ):
+                data: State = json.loads(await r.read())
+                return data
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            log.warning("worker state unavailable", extra={"fields": {"socket": path, "error": str(exc)}})
+            return None
+
+    results = await asyncio.gather(*(one(p) for p in peers))
+    return [r for r in results if r is not None]
+
+
+async def forward_list(primary_socket: str, kind: str, body: bytes) -> None:
+    """Hand a validated pull or trash list to the primary worker, which owns the queues."""
+    async with (
+        aiohttp.ClientSession(
+            connector=aiohttp.UnixConnector(path=primary_socket), timeout=aiohttp.ClientTimeout(total=30)
+        ) as s,
+        s.put(f"http://worker/{kind}", data=body) as r,
+    ):
+        if r.status != 200:
+            raise RuntimeError(f"primary worker refused the {kind} list: {r.status} {await r.text()}")
