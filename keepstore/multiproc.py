@@ -145,7 +145,6 @@ def supervise(config: Config, count: int) -> int:
     log.info(f"starting {count} worker processes", extra={"fields": {"workers": count}})
     for i in range(count):
         spawn(i)
-    os.close(ready_w)
     stopping = False
     exit_code = 0
     ready = 0
@@ -188,9 +187,10 @@ def supervise(config: Config, count: int) -> int:
                 if fast_failures > 5:
                     log.error("workers keep failing at start-up: giving up")
                     stopping = True
+                    exit_code = 1
                     deadline = time.monotonic() + config.drain_timeout + 10
                     _signal_all(children, signal.SIGTERM)
-                    return 1
+                    continue
                 time.sleep(min(1.0, 0.1 * fast_failures))
                 spawn(index)
             if deadline is not None and time.monotonic() > deadline:
@@ -200,6 +200,7 @@ def supervise(config: Config, count: int) -> int:
         return exit_code
     finally:
         os.close(ready_r)
+        os.close(ready_w)
         for s in socks:
             s.close()
         shutil.rmtree(rundir, ignore_errors=True)
@@ -255,7 +256,6 @@ def _run_worker(config: Config, worker: WorkerInfo, sock: socket.socket, ready_w
 
     def ready() -> None:
         os.write(ready_w, b"r")
-        os.close(ready_w)
 
     asyncio.run(serve(worker_config(config, worker.index, worker.count), sock=sock, worker=worker, on_ready=ready))
     return 0
