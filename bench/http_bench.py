@@ -354,19 +354,25 @@ def md5_speed(threads: int, seconds: float = 2.0) -> float:
 
 
 def durable_write_ceiling(work: Path, size: int, seconds: float = 4.0, threads: int = 8) -> tuple[float, float]:
-    """(MB/s, files/s) for write + fsync + rename + fsync(dir) of unique files, ``threads`` at a time."""
+    """(MB/s, files/s) for write + fsync + rename + fsync(dir) of unique files, ``threads`` at a time.
+
+    Files are spread over 256 subdirectories, as a directory volume spreads blocks over <hash[0:3]>/ ones (all
+    writers fsyncing one directory would measure that directory's lock, not the disk).
+    """
     d = work / "ceiling"
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir()
+    for sub in range(256):
+        (d / f"{sub:03x}").mkdir()
     data = os.urandom(size)
     counts = [0] * threads
     stop = time.monotonic() + seconds
 
     def work_(i: int) -> None:
         n = 0
-        dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
         while time.monotonic() < stop:
-            tmp, final = d / f"tmp{i}-{n}", d / f"f{i}-{n}"
+            sub = d / f"{(i * 7919 + n) % 256:03x}"
+            tmp, final = sub / f"tmp{i}-{n}", sub / f"f{i}-{n}"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             view = memoryview(data)
             while view:
@@ -374,9 +380,10 @@ def durable_write_ceiling(work: Path, size: int, seconds: float = 4.0, threads: 
             os.fsync(fd)
             os.close(fd)
             os.rename(tmp, final)
+            dfd = os.open(sub, os.O_RDONLY | os.O_DIRECTORY)
             os.fsync(dfd)
+            os.close(dfd)
             n += 1
-        os.close(dfd)
         counts[i] = n
 
     ts = [threading.Thread(target=work_, args=(i,)) for i in range(threads)]

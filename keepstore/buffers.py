@@ -6,7 +6,8 @@ arrive. Requests beyond that wait in :meth:`BufferPool.acquire`, which is cancel
 waiting stops waiting at once and takes nothing.
 
 Buffers are anonymous ``mmap`` regions, allocated on first use and kept for reuse. The kernel commits their pages
-only when touched, so a pool that served 4 KiB blocks costs a few KiB per buffer, not 64 MiB.
+only when touched, so a pool that served 4 KiB blocks costs a few KiB per buffer, not 64 MiB; buffers left idle
+for a while are trimmed back (``BufferPool.trim``).
 
 Invariant for users: a buffer must not be released while any thread or transport still reads or writes it. Code
 that hands a buffer to a thread uses :func:`keepstore.aio.run_blocking`, which does not return (even when cancelled)
@@ -25,15 +26,26 @@ from dataclasses import dataclass
 from .locator import BLOCK_SIZE
 
 
+KEEP_RESIDENT = 1 << 20  # trimming keeps the first MiB of a buffer: small blocks never fault it back in
+
+
 class Buffer:
     """One pooled block buffer. ``view`` is a writable memoryview of the whole capacity."""
 
-    __slots__ = ("_mmap", "capacity", "view")
+    __slots__ = ("_mmap", "capacity", "idle_since", "trimmed", "view")
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._mmap = mmap.mmap(-1, capacity, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self.view = memoryview(self._mmap)
+        self.idle_since = 0.0
+        self.trimmed = True
+
+    def trim(self) -> None:
+        """Give the memory beyond the first MiB back to the kernel (it reads as zeros when touched again)."""
+        if self.capacity > KEEP_RESIDENT:
+            self._mmap.madvise(mmap.MADV_DONTNEED, KEEP_RESIDENT, self.capacity - KEEP_RESIDENT)
+        self.trimmed = True
 
 
 @dataclass(frozen=True)
@@ -95,7 +107,23 @@ class BufferPool:
                 fut.set_result(buf)  # ownership passes straight to the next waiter
                 return
         self._in_use -= 1
+        buf.idle_since = time.monotonic()
+        buf.trimmed = False
         self._free.append(buf)
+
+    def trim(self, idle: float) -> int:
+        """Return the memory of buffers unused for ``idle`` seconds to the kernel; how many were trimmed.
+
+        A burst of large blocks leaves every buffer it used resident; trimming them once they have been idle a while
+        brings the process back to its resting size without slowing down the buffers in steady use.
+        """
+        now = time.monotonic()
+        n = 0
+        for buf in self._free:
+            if not buf.trimmed and now - buf.idle_since >= idle:
+                buf.trim()
+                n += 1
+        return n
 
     def _take(self) -> Buffer | None:
         if self._free:

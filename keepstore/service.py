@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("keepstore")
 
+BUFFER_TRIM_INTERVAL = 5.0  # seconds between checks for idle buffers
+BUFFER_IDLE = 10.0  # a buffer unused this long gives its memory back
+
 
 @dataclass
 class Service:
@@ -82,6 +85,7 @@ class Service:
                 f"started volume {mnt.uuid} ({mnt.volume.device_id}), AllowWrite={mnt.allow_write}, "
                 f"AllowTrash={mnt.allow_trash}"
             )
+        self._tasks.append(asyncio.create_task(self._trim_buffers()))
         if self.primary:
             self._tasks.append(asyncio.create_task(self._sweep_temporary()))
             await self._start_workers()
@@ -129,6 +133,11 @@ class Service:
             await self.sweeper.stop()
         if self._puller is not None:
             await self._puller.close()
+
+    async def _trim_buffers(self) -> None:
+        while True:
+            await asyncio.sleep(BUFFER_TRIM_INTERVAL)
+            self.pool.trim(idle=BUFFER_IDLE)
 
     async def _sweep_temporary(self) -> None:
         for mnt in self.store.mounts:
