@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import StreamReader
 
-from .errors import TooLarge
+from .errors import KeepError, TooLarge
 from .hashing import StreamHasher
 from .locator import BLOCK_SIZE
+from .volumes import BlockWriter
 
 
-async def receive(stream: StreamReader, view: memoryview, limit: int = BLOCK_SIZE) -> tuple[int, str]:
+async def receive(
+    stream: StreamReader, view: memoryview, limit: int = BLOCK_SIZE, writer: WriterPipe | None = None
+) -> tuple[int, str]:
     """Copy ``stream`` into ``view`` and return (size, md5 hex). TooLarge past ``limit`` bytes.
 
-    Errors of the stream itself (connection lost, bad framing) propagate unchanged for the caller to classify.
-    Returns (and raises) only once no thread is hashing the buffer any more.
+    With a ``writer``, the data also goes to disk as it arrives. Errors of the stream itself (connection lost, bad
+    framing) propagate unchanged for the caller to classify. Returns (and raises) only once no thread is reading
+    the buffer any more.
     """
     hasher = StreamHasher(view)
     filled = 0
@@ -25,6 +31,73 @@ async def receive(stream: StreamReader, view: memoryview, limit: int = BLOCK_SIZ
             view[filled:end] = chunk
             filled = end
             hasher.advance(filled)
+            if writer is not None:
+                writer.advance(filled)
+        if writer is not None:
+            await writer.finish(filled)
         return filled, await hasher.finish(filled)
     finally:
         await hasher.aclose()
+        if writer is not None:
+            await writer.aclose()
+
+
+class WriterPipe:
+    """Hands a buffer that fills up over time to a BlockWriter, one segment at a time, in order.
+
+    At most one write runs at once; while it runs, data keeps arriving and the next segment grows. A failed
+    write stops the pipe (``error`` is set): the caller aborts the writer and stores the block the normal way.
+    """
+
+    SEGMENT = 8 * 1024 * 1024
+
+    def __init__(self, view: memoryview, writer: BlockWriter) -> None:
+        self.view = view
+        self.writer = writer
+        self.written = 0
+        self.error: BaseException | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def advance(self, filled: int) -> None:
+        if self.error is not None or filled - self.written < self.SEGMENT:
+            return
+        if self._task is not None:
+            if not self._task.done():
+                return  # the disk is behind; the next segment will be bigger
+            self._collect()
+            if self.error is not None:
+                return
+        self._task = asyncio.ensure_future(self.writer.write(self.view[self.written : filled]))
+        self.written = filled
+
+    async def finish(self, filled: int) -> None:
+        await self.aclose()
+        if self.error is None and filled > self.written:
+            try:
+                await self.writer.write(self.view[self.written : filled])
+                self.written = filled
+            except KeepError as exc:
+                self.error = exc
+
+    async def aclose(self) -> None:
+        """Wait (even if cancelled) for the running write: it reads the buffer."""
+        task = self._task
+        if task is None:
+            return
+        cancelled = False
+        while not task.done():
+            try:
+                await asyncio.wait([task])
+            except asyncio.CancelledError:
+                cancelled = True
+        self._collect()
+        if cancelled:
+            raise asyncio.CancelledError()
+
+    def _collect(self) -> None:
+        task, self._task = self._task, None
+        if task is None or task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None and self.error is None:
+            self.error = exc

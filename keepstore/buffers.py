@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 from .locator import BLOCK_SIZE
 
-
 KEEP_RESIDENT = 1 << 20  # trimming keeps the first MiB of a buffer: small blocks never fault it back in
 
 

@@ -105,6 +105,12 @@ class VolumeError(KeepError):
     message = "volume error"
 
 
+class ServiceUnavailable(KeepError):
+    """A part of the server needed for the request is not available right now (try again later)."""
+
+    message = "service unavailable"
+
+
 class TrashDisabled(KeepError):
     """The volume refuses to trash (e.g. S3 with BlobTrashLifetime 0 and no UnsafeDelete)."""
 

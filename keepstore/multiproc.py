@@ -41,6 +41,7 @@ import aiohttp
 from aiohttp import web
 
 from .config import Config, ConfigError
+from .errors import ServiceUnavailable
 from .state import State
 
 log = logging.getLogger("keepstore.workers")
@@ -156,7 +157,7 @@ def supervise(config: Config, count: int) -> int:
                 ready += _count_ready(ready_r)
                 if ready >= count:
                     log.info("all workers ready", extra={"fields": {"workers": count}})
-            info = signal.sigtimedwait(_SUPERVISED, 0.2)
+            info = signal.sigtimedwait(_SUPERVISED, 0.2 if ready >= count else 0.01)
             if info is not None:
                 if info.si_signo in (signal.SIGTERM, signal.SIGINT) and not stopping:
                     stopping = True
@@ -302,13 +303,27 @@ async def gather_states(peers: list[str]) -> list[State]:
     return [r for r in results if r is not None]
 
 
-async def forward_list(primary_socket: str, kind: str, body: bytes) -> None:
-    """Hand a validated pull or trash list to the primary worker, which owns the queues."""
-    async with (
-        aiohttp.ClientSession(
-            connector=aiohttp.UnixConnector(path=primary_socket), timeout=aiohttp.ClientTimeout(total=30)
-        ) as s,
-        s.put(f"http://worker/{kind}", data=body) as r,
-    ):
-        if r.status != 200:
-            raise RuntimeError(f"primary worker refused the {kind} list: {r.status} {await r.text()}")
+async def forward_list(primary_socket: str, kind: str, body: bytes, patience: float = 10.0) -> None:
+    """Hand a validated pull or trash list to the primary worker, which owns the queues.
+
+    The primary may be starting (or restarting): keep trying for ``patience`` seconds, then give up with
+    ServiceUnavailable (503, so that the data manager sends the list again later).
+    """
+    deadline = time.monotonic() + patience
+    delay = 0.05
+    while True:
+        try:
+            async with (
+                aiohttp.ClientSession(
+                    connector=aiohttp.UnixConnector(path=primary_socket), timeout=aiohttp.ClientTimeout(total=30)
+                ) as s,
+                s.put(f"http://worker/{kind}", data=body) as r,
+            ):
+                if r.status == 200:
+                    return
+                raise ServiceUnavailable(f"primary worker refused the {kind} list: {r.status}")
+        except (aiohttp.ClientConnectionError, FileNotFoundError, ConnectionError) as exc:
+            if time.monotonic() + delay > deadline:
+                raise ServiceUnavailable(f"{kind} queue unavailable: primary worker not responding") from exc
+            await asyncio.sleep(delay)
+            delay = min(1.0, delay * 2)

@@ -60,12 +60,13 @@ async def serve(
     server = KeepServer(http.handle, handler_cancellation=True, auto_decompress=False)
     runner = web.ServerRunner(server, shutdown_timeout=config.drain_timeout, handle_signals=False)
     await runner.setup()
-    await web.SockSite(runner, sock).start()
     internal: web.AppRunner | None = None
     if worker is not None:
+        # The internal socket first: a worker that accepts a pull list may need to reach this one at once.
         internal = web.AppRunner(internal_app(lambda: snapshot(service), service.accept_list))
         await internal.setup()
         await web.UnixSite(internal, worker.own_socket).start()
+    await web.SockSite(runner, sock).start()
     log.info(
         "listening",
         extra={

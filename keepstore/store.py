@@ -24,7 +24,7 @@ from .errors import (
     VolumeUnavailable,
 )
 from .hashing import md5_hex
-from .volumes import IndexEntry, LocalBlock, Volume
+from .volumes import BlockWriter, IndexEntry, LocalBlock, Volume
 
 log = logging.getLogger("keepstore.store")
 
@@ -233,14 +233,44 @@ class Store:
 
     # --- writes ----------------------------------------------------------------------------------------------
 
-    async def write(self, hash: str, data: memoryview, classes: Sequence[str] = ()) -> WriteResult:
+    async def open_stream(self, hash: str, classes: Sequence[str]) -> tuple[Mount, BlockWriter] | None:
+        """For a large PUT: a writer on the mount the block will go to first, if it is absent there.
+
+        The body can then be written to disk while it is still arriving; the caller commits the writer only once
+        the whole body hashes to ``hash`` (aborts it otherwise) and passes the mount to ``write`` as done. None
+        when the block may exist there already (``write`` compares and touches it) or the driver cannot stream.
+        """
+        progress = PutProgress(classes)
+        for mnt in self.rendezvous(hash, self.writable):
+            if not progress.want(mnt):
+                continue
+            try:
+                await mnt.volume.mtime(hash)
+                return None  # present: the normal path will compare it and touch it
+            except BlockNotFound:
+                pass
+            except KeepError:
+                return None
+            try:
+                writer = await mnt.volume.block_writer(hash)
+            except KeepError:
+                return None  # full or failing: the normal path will try the next mount
+            return (mnt, writer) if writer is not None else None
+        return None
+
+    async def write(
+        self, hash: str, data: memoryview, classes: Sequence[str] = (), done: Sequence[Mount] = ()
+    ) -> WriteResult:
         """Store ``data`` (already verified to hash to ``hash``) on as many writable mounts as the classes need.
 
         A mount that already holds identical bytes is touched instead of rewritten; different bytes under the same
-        hash are a HashCollision. Returns once every started write has finished, even if cancelled meanwhile.
+        hash are a HashCollision. ``done`` are mounts the caller already wrote the block to (a streamed PUT).
+        Returns once every started write has finished, even if cancelled meanwhile.
         """
         order = self.rendezvous(hash, self.writable)
         result = PutProgress(classes)
+        for mnt in done:
+            result.add(mnt)
         for mnt in order:
             if not result.want(mnt):
                 continue

@@ -183,9 +183,15 @@ class KeepServer:
                 raise RuntimeError(f"keepstore exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
+                    pass
             except OSError:
                 time.sleep(0.05)
+                continue
+            # With several worker processes, the port accepts as soon as it is bound: wait for all of them.
+            text = self.log_text()
+            if "worker processes" not in text or "all workers ready" in text:
+                return
+            time.sleep(0.05)
         raise RuntimeError(f"keepstore did not start listening:\n{self.log_text()[-3000:]}")
 
     def log_text(self) -> str:

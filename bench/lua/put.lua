@@ -20,16 +20,17 @@ function init(args)
   f:close()
   wrapped = 0
   n = id
-  headers = {}
-  if token ~= nil and token ~= "" then headers["Authorization"] = "Bearer " .. token end
+  extra = "Host: " .. wrk.host .. ":" .. wrk.port .. "\r\nContent-Length: " .. size .. "\r\n"
+  if token ~= nil and token ~= "" then extra = extra .. "Authorization: Bearer " .. token .. "\r\n" end
 end
 
 function request()
+  -- One concatenation (one copy of the body) per request: wrk.format would copy the body a second time, which
+  -- for 64 MiB blocks makes the load generator, not the server, the bottleneck.
   local i = n % #names
   if n >= #names then wrapped = wrapped + 1 end
   n = n + nthreads
-  local body = base .. string.format("%016x", i)
-  return wrk.format("PUT", "/" .. names[i + 1], headers, body)
+  return "PUT /" .. names[i + 1] .. " HTTP/1.1\r\n" .. extra .. "\r\n" .. base .. string.format("%016x", i)
 end
 
 function done(summary, latency, requests)

@@ -18,13 +18,14 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
-from ..bodies import receive
+from ..bodies import WriterPipe, receive
 from ..errors import (
     BadRequestBody,
     ClientGone,
     ContentHashMismatch,
     ContentLengthMismatch,
     InvalidLocator,
+    KeepError,
     MethodNotAllowed,
     NoToken,
     TooLarge,
@@ -36,6 +37,7 @@ from .auth import request_tokens
 
 SEND_CHUNK = 1 << 20
 SMALL_BODY = 64 * 1024
+STREAM_MIN = 4 * 1024 * 1024  # PUT bodies from this size on are written to disk as they arrive
 
 
 async def read(call: Call, match: re.Match[str]) -> web.StreamResponse:
@@ -109,17 +111,36 @@ async def write(call: Call, match: re.Match[str]) -> web.StreamResponse:
         # sends for at most its lingering time (10 s) so that the client gets to read the 413, and closes.
         raise TooLarge()
     classes = [c.strip() for c in request.headers.get("X-Keep-Storage-Classes", "").split(",") if c.strip()]
+    locator_path = match["loc"]
     async with svc.pool.buffer() as buf:
-        if request.headers.get("Expect", "").lower() == "100-continue":
-            # Only now that a buffer is ours do we ask for the body (as upstream does).
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        size, computed = await _receive(call, buf.view)
-        if declared is not None and size != declared:
-            raise ContentLengthMismatch(size, declared)
-        locator_path = match["loc"]
-        if not locator_path.startswith(computed):
-            raise ContentHashMismatch(computed, locator_path)
-        result = await svc.store.write(computed, buf.view[:size], classes)
+        stream = None
+        if declared is None or declared >= STREAM_MIN:
+            # A large body goes to disk while it arrives (on the mount it is headed for, under the hash the URL
+            # claims); it becomes visible only once it has been verified (see Store.open_stream).
+            stream = await svc.store.open_stream(locator_path[:32], classes)
+        committed = False
+        try:
+            if request.headers.get("Expect", "").lower() == "100-continue":
+                # Only now that a buffer is ours do we ask for the body (as upstream does).
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            pipe = WriterPipe(buf.view, stream[1]) if stream is not None else None
+            size, computed = await _receive(call, buf.view, pipe)
+            if declared is not None and size != declared:
+                raise ContentLengthMismatch(size, declared)
+            if not locator_path.startswith(computed):
+                raise ContentHashMismatch(computed, locator_path)
+            done = []
+            if stream is not None and pipe is not None and pipe.error is None:
+                try:
+                    await stream[1].commit()
+                    committed = True
+                    done = [stream[0]]
+                except KeepError:
+                    pass  # the normal write below tries this mount again, or the next one
+            result = await svc.store.write(computed, buf.view[:size], classes, done=done)
+        finally:
+            if stream is not None and not committed:
+                await stream[1].abort()
     tokens = request_tokens(request)
     locator = f"{computed}+{size}"
     if tokens and svc.signer is not None:
@@ -131,10 +152,10 @@ async def write(call: Call, match: re.Match[str]) -> web.StreamResponse:
     return resp
 
 
-async def _receive(call: Call, view: memoryview) -> tuple[int, str]:
-    """Read the request body into ``view`` while hashing it; return (size, md5 hex)."""
+async def _receive(call: Call, view: memoryview, pipe: WriterPipe | None) -> tuple[int, str]:
+    """Read the request body into ``view`` while hashing it (and writing it, with a pipe); return (size, md5)."""
     try:
-        return await receive(call.request.content, view)
+        return await receive(call.request.content, view, writer=pipe)
     except (ConnectionError, asyncio.IncompleteReadError) as exc:
         raise ClientGone(str(exc)) from exc
     except (RequestPayloadError, HttpProcessingError) as exc:

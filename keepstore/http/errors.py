@@ -25,6 +25,7 @@ STATUS: dict[type[e.KeepError], int] = {
     e.TrashDisabled: 500,
     e.ChecksumMismatch: 502,
     e.VolumeUnavailable: 503,
+    e.ServiceUnavailable: 503,
     e.Overloaded: 503,
     e.VolumeFull: 507,
 }

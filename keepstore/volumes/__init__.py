@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 
 from ..config import Config, ConfigError, VolumeSpec
-from .base import EmptyTrashStats, IndexEntry, LocalBlock, Volume, VolumeStats, VolumeUsage
+from .base import BlockWriter, EmptyTrashStats, IndexEntry, LocalBlock, Volume, VolumeStats, VolumeUsage
 from .directory import DirectoryParameters, DirectoryVolume
 
 DRIVERS = ("Directory",)
 
 __all__ = [
     "DRIVERS",
+    "BlockWriter",
     "EmptyTrashStats",
     "IndexEntry",
     "LocalBlock",

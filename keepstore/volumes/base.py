@@ -94,6 +94,27 @@ class LocalBlock(ABC):
         """Close the file. Must not be called while ``digest`` runs."""
 
 
+class BlockWriter(ABC):
+    """A block written as its data arrives (a large PUT streams to disk while it is received).
+
+    Nothing is visible until ``commit``, which makes the whole block durable and visible at once (the same
+    guarantee as ``Volume.block_write``); ``abort`` discards everything. ``write`` calls are sequential: the caller
+    awaits one before the next, and appends in order.
+    """
+
+    @abstractmethod
+    async def write(self, data: memoryview) -> None:
+        """Append ``data``. VolumeFull / VolumeError on failure (the caller then aborts)."""
+
+    @abstractmethod
+    async def commit(self) -> None:
+        """Make the block durable and visible under its hash (mtime = now)."""
+
+    @abstractmethod
+    async def abort(self) -> None:
+        """Discard what was written. Safe to call after a failed write or commit, and more than once."""
+
+
 @dataclass(frozen=True)
 class VolumeUsage:
     bytes_free: int | None
@@ -129,6 +150,10 @@ class Volume(ABC):
 
         Raises BlockNotFound (absent or trashed) and TooLarge like ``block_read``.
         """
+        return None
+
+    async def block_writer(self, hash: str) -> BlockWriter | None:
+        """Start writing a block whose data will arrive in pieces, if this driver can; else None."""
         return None
 
     @abstractmethod

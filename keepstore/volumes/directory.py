@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ctypes
 import errno
 import fcntl
 import hashlib
@@ -37,9 +38,9 @@ from typing import Any, TypeVar
 
 from ..aio import run_blocking
 from ..config import ConfigError, VolumeSpec
-from ..errors import BlockNotFound, TooLarge, VolumeError, VolumeFull
+from ..errors import BlockNotFound, KeepError, TooLarge, VolumeError, VolumeFull
 from ..locator import BLOCK_SIZE
-from .base import EmptyTrashStats, IndexEntry, LocalBlock, Volume, VolumeStats, VolumeUsage
+from .base import BlockWriter, EmptyTrashStats, IndexEntry, LocalBlock, Volume, VolumeStats, VolumeUsage
 
 T = TypeVar("T")
 
@@ -53,6 +54,25 @@ MIN_FREE_BYTES = BLOCK_SIZE  # less free space than one block means full
 _COPY_CHUNK = 1 << 20
 INLINE_READ_MAX = 64 * 1024  # blocks up to this size are read on the event loop when cached (see block_read)
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+_STREAM_SEGMENT = 4 * 1024 * 1024
+
+
+def _load_sync_file_range() -> Callable[[int, int, int], None]:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.sync_file_range
+        fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    except (OSError, AttributeError):
+        return lambda fd, offset, nbytes: None
+    write_flag = 2  # SYNC_FILE_RANGE_WRITE: start writeback of dirty pages in the range, do not wait
+
+    def call(fd: int, offset: int, nbytes: int) -> None:
+        fn(fd, offset, nbytes, write_flag)  # advisory: a failure here is reported by the final fsync
+
+    return call
+
+
+_sync_file_range = _load_sync_file_range()
 
 
 @dataclass(frozen=True)
@@ -151,6 +171,10 @@ class DirectoryVolume(Volume):
 
     async def block_write(self, hash: str, data: memoryview) -> None:
         await self._run(self._write, hash, data)
+
+    async def block_writer(self, hash: str) -> BlockWriter:
+        tmp, fd = await self._run(self._create_temp, hash)
+        return _StreamingWrite(self, hash, tmp, fd)
 
     async def block_compare(self, hash: str, data: memoryview) -> bool:
         # Most PUTs are of new blocks: answer "absent" from a stat on the event loop (a metadata lookup, see
@@ -263,12 +287,22 @@ class DirectoryVolume(Volume):
                 raise self._fail("read", path, exc) from exc
 
     def _write(self, hash: str, data: memoryview) -> None:
+        tmp, fd = self._create_temp(hash)
+        try:
+            self._append(hash, tmp, fd, data, 0)
+            self._finish(hash, tmp, fd)
+        except BaseException:
+            self._discard(tmp, fd)
+            raise
+
+    # The steps of a write, shared by _write (whole block at once) and _StreamingWrite (block arriving in pieces).
+
+    def _create_temp(self, hash: str) -> tuple[str, int]:
         if self._is_full():
             raise VolumeFull()
         directory = self._dir(hash)
-        tmp = ""
+        tmp = f"{directory}/tmp{hash}{os.urandom(6).hex()}"
         try:
-            tmp = f"{directory}/tmp{hash}{os.urandom(6).hex()}"
             self.stats.op("create")
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -276,35 +310,54 @@ class DirectoryVolume(Volume):
                 self.stats.op("mkdir")
                 os.makedirs(directory, mode=0o755, exist_ok=True)
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            try:
-                # The flock marks this temp file as owned by a live writer (see _sweep_temporary).
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                pos = 0
-                while pos < len(data):
-                    pos += os.write(fd, data[pos : pos + 8 * _COPY_CHUNK])
-                self.stats.io(written=pos)
-                # ext4 stamps inodes from a coarse clock; set a precise mtime so that index and trash-list
-                # mtimes (nanoseconds) are distinct and monotonic.
-                now = time.time_ns()
-                self.stats.op("utimes")
-                os.utime(fd, ns=(now, now))
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            self._locked_in_dir(directory, lambda: os.rename(tmp, self._path(hash)), fsync=True)
-            self.stats.op("rename")
-            tmp = ""
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                self._mark_full()
-                raise VolumeFull() from exc
-            raise self._fail("write", tmp or directory, exc) from exc
-        finally:
-            if tmp:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
+            raise self._write_error(exc, directory) from exc
+        try:
+            # The flock marks this temp file as owned by a live writer (see _sweep_temporary).
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            self._discard(tmp, fd)
+            raise self._write_error(exc, tmp) from exc
+        return tmp, fd
+
+    def _append(self, hash: str, tmp: str, fd: int, data: memoryview, offset: int) -> None:
+        try:
+            pos = 0
+            while pos < len(data):
+                pos += os.write(fd, data[pos : pos + 8 * _COPY_CHUNK])
+            self.stats.io(written=pos)
+            if offset or pos >= _STREAM_SEGMENT:
+                # Start writing this range to disk now, without waiting: the final fsync then has little left.
+                _sync_file_range(fd, offset, pos)
+        except OSError as exc:
+            raise self._write_error(exc, tmp) from exc
+
+    def _finish(self, hash: str, tmp: str, fd: int) -> None:
+        try:
+            # ext4 stamps inodes from a coarse clock; set a precise mtime so that index and trash-list mtimes
+            # (nanoseconds) are distinct and monotonic.
+            now = time.time_ns()
+            self.stats.op("utimes")
+            os.utime(fd, ns=(now, now))
+            os.fsync(fd)
+            os.close(fd)
+            self._locked_in_dir(self._dir(hash), lambda: os.rename(tmp, self._path(hash)), fsync=True)
+            self.stats.op("rename")
+        except OSError as exc:
+            raise self._write_error(exc, tmp) from exc
+
+    def _discard(self, tmp: str, fd: int) -> None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+        _unlink_quietly(tmp)
+
+    def _write_error(self, exc: OSError, path: str) -> KeepError:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            self._mark_full()
+            return VolumeFull()
+        return self._fail("write", path, exc)
 
     def _locked_in_dir(self, directory: str, fn: Callable[[], T], fsync: bool = False) -> T:
         """Run ``fn`` holding the flock of ``directory``; then fsync the directory if asked."""
@@ -566,6 +619,38 @@ class DirectoryVolume(Volume):
                 finally:
                     os.close(fd)
         return removed
+
+
+class _StreamingWrite(BlockWriter):
+    def __init__(self, volume: DirectoryVolume, hash: str, tmp: str, fd: int) -> None:
+        self.volume = volume
+        self.hash = hash
+        self.tmp = tmp
+        self.fd = fd
+        self.offset = 0
+        self.closed = False
+
+    async def write(self, data: memoryview) -> None:
+        await self.volume._run(self.volume._append, self.hash, self.tmp, self.fd, data, self.offset)
+        self.offset += len(data)
+
+    async def commit(self) -> None:
+        self.closed = True  # _finish closes the file whatever happens after its fsync
+        await self.volume._run(self.volume._finish, self.hash, self.tmp, self.fd)
+
+    async def abort(self) -> None:
+        if not self.closed:
+            self.closed = True
+            await self.volume._run(self.volume._discard, self.tmp, self.fd)
+        else:
+            await self.volume._run(_unlink_quietly, self.tmp)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 class _LocalFile(LocalBlock):
