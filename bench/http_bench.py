@@ -157,7 +157,7 @@ http {{
 
 
 class Keepstore:
-    def __init__(self, work: Path, buffers: int, workers: int) -> None:
+    def __init__(self, work: Path, buffers: int, workers: int, src: str = "") -> None:
         self.work = work / "keepstore"
         self.work.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -167,7 +167,8 @@ class Keepstore:
         )
         cfg["Clusters"]["zzzzz"]["SystemLogs"]["LogLevel"] = "warn"
         cfg["Clusters"]["zzzzz"]["KeepstorePy"] = {"Workers": workers}
-        self.server = KeepServer(workdir=self.work, port=self.port, config=cfg).start()
+        env = {"PYTHONPATH": str(Path(src).resolve())} if src else {}
+        self.server = KeepServer(workdir=self.work, port=self.port, config=cfg, env=env).start()
         self.url = self.server.url
 
     @property
@@ -415,6 +416,9 @@ def main() -> None:
     ap.add_argument("--buffers", type=int, default=64, help="keepstore MaxKeepBlobBuffers")
     ap.add_argument("--workers", type=int, default=0, help="keepstore worker processes (0: one per CPU)")
     ap.add_argument("--label", default="", help="write to section http-<label> instead of http")
+    ap.add_argument(
+        "--src", default="", help="run keepstore from this source tree (e.g. a git worktree of an older commit)"
+    )
     ap.add_argument("--work", default=str(ROOT / "bench" / ".work"), help="scratch directory (same disk!)")
     args = ap.parse_args()
     ensure_tools()
@@ -430,7 +434,7 @@ def main() -> None:
     ceilings = {label: durable_write_ceiling(work, size) for label, size in SIZES.items() if label in sizes}
 
     nginx = Nginx(work)
-    ks = Keepstore(work, args.buffers, args.workers)
+    ks = Keepstore(work, args.buffers, args.workers, args.src)
     rows: list[str] = []
     ratios: list[str] = []
     try:
@@ -506,7 +510,7 @@ def main() -> None:
     )
     body = f"""## keepstore vs nginx{f" ({args.label})" if args.label else ""} (`bench/http_bench.py`)
 
-{machine()}. wrk {args.duration:.0f} s per cell{f", median of {args.repeat}" if args.repeat > 1 else ""};
+{machine(args.src)}. wrk {args.duration:.0f} s per cell{f", median of {args.repeat}" if args.repeat > 1 else ""};
 keepstore: one directory volume, fsync on, every GET verified, MaxKeepBlobBuffers {args.buffers},
 {args.workers or os.cpu_count()} worker processes; nginx: one worker,
 WebDAV PUT, no checksum, no fsync. PUTs write unique blocks; GETs read a fixed stored set (page cache warm).

@@ -17,7 +17,7 @@ The machine is shared and noisy: compare the ratios measured in the same run, no
 """
 
 
-def machine() -> str:
+def machine(src: str = "") -> str:
     cpu = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -27,7 +27,7 @@ def machine() -> str:
     except OSError:
         pass
     commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=DOC.parent.parent
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=src or DOC.parent.parent
     ).stdout.strip()
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     return f"{now}, commit {commit or '?'}, {os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}"
