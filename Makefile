@@ -31,5 +31,9 @@ lint: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit tests/contract $(PYTEST_ARGS)
 
+## make bench: keepstore vs nginx on the same work (installs nginx and wrk from Debian if missing; needs root)
+bench: $(STAMP)
+	$(BIN)/python bench/http_bench.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

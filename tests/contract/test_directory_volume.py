@@ -563,3 +563,41 @@ def test_serialize(root: Path) -> None:
         assert results == blocks
 
     run(root, body, serialize=True)
+
+
+def test_streaming_write_temp_file_is_owned_and_cleaned(tmp_path: Path) -> None:
+    """While a streamed write is open its temp file is flock()ed (the sweep leaves it alone); abort removes it."""
+    import asyncio
+    import fcntl
+
+    from keepstore.config import VolumeSpec
+    from keepstore.volumes.directory import DirectoryParameters, DirectoryVolume
+
+    root = tmp_path / "root"
+    root.mkdir()
+    spec = VolumeSpec(
+        uuid="zzzzz-nyw5e-000000000000000",
+        driver="Directory",
+        parameters={"Root": str(root)},
+        key_path="Clusters.zzzzz.Volumes.zzzzz-nyw5e-000000000000000",
+    )
+
+    async def body() -> None:
+        vol = DirectoryVolume(spec, DirectoryParameters(root=str(root)))
+        try:
+            h = "a" * 32
+            writer = await vol.block_writer(h)
+            await writer.write(memoryview(b"some bytes"))
+            (tmp,) = list(root.glob(f"{h[:3]}/tmp{h}*"))
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                with pytest.raises(BlockingIOError):
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            finally:
+                os.close(fd)
+            await writer.abort()
+            assert not list(root.glob(f"{h[:3]}/tmp*"))
+        finally:
+            await vol.close()
+
+    asyncio.run(body())

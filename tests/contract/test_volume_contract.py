@@ -642,3 +642,86 @@ def test_stats_count_operations(volume_factory: VolumeFactory) -> None:
         assert sum(vol.stats.ops.values()) > 0
 
     volume_factory.run(body)
+
+
+# --- optional capabilities: local files (block_open) and streaming writes (block_writer) ---------------------------
+# A driver may return None for either; when it returns an object, these invariants hold.
+
+
+def test_block_open_digest_and_stability(volume_factory: VolumeFactory) -> None:
+    async def body(vol: Volume) -> None:
+        old = payload(3 * 1024 * 1024 + 7, 1)
+        h = md5(old)
+        with pytest.raises(BlockNotFound):
+            await vol.block_open(h)
+        await vol.block_write(h, memoryview(old))
+        local = await vol.block_open(h)
+        if local is None:
+            return  # the driver does not keep blocks in local files
+        try:
+            assert local.size == len(old)
+            scratch = memoryview(bytearray(4 << 20))
+            assert await local.digest(scratch, keep=True) == h
+            assert bytes(scratch[: local.size]) == old  # kept: the block is in the scratch buffer
+            # The open file keeps the copy that was opened, even if the block is replaced or trashed meanwhile.
+            await vol.block_write(h, memoryview(payload(10, 2)))
+            await vol.block_trash(h, ttl=0, lifetime=HOUR)
+            small = memoryview(bytearray(1 << 20))
+            assert await local.digest(small, keep=False) == h  # streamed through a scratch smaller than the block
+            with open(local.fileno(), "rb", closefd=False) as f:
+                assert f.read() == old
+        finally:
+            local.close()
+
+    volume_factory.run(body)
+
+
+def test_block_writer_commit(volume_factory: VolumeFactory) -> None:
+    async def body(vol: Volume) -> None:
+        data = payload(5 * 1024 * 1024 + 3, 3)
+        h = md5(data)
+        writer = await vol.block_writer(h)
+        if writer is None:
+            return  # the driver cannot stream
+        view = memoryview(data)
+        for pos in range(0, len(data), 1 << 20):
+            await writer.write(view[pos : pos + (1 << 20)])
+            assert_absent = h not in await index(vol)
+            assert assert_absent, "a block being written must not be visible"
+            with pytest.raises(BlockNotFound):
+                await vol.mtime(h)
+        before = await _now_ns()
+        await writer.commit()
+        assert await read(vol, h, 8 << 20) == data
+        assert await vol.mtime(h) >= before - 2_000_000_000
+        assert (await index(vol))[h].size == len(data)
+
+    volume_factory.run(body)
+
+
+def test_block_writer_abort_leaves_nothing(volume_factory: VolumeFactory) -> None:
+    async def body(vol: Volume) -> None:
+        data = payload(2 * 1024 * 1024, 4)
+        h = md5(data)
+        writer = await vol.block_writer(h)
+        if writer is None:
+            return
+        await writer.write(memoryview(data)[: 1 << 20])
+        await writer.abort()
+        await writer.abort()  # idempotent
+        await assert_gone(vol, h)
+        # Aborting a writer never disturbs an existing copy of the same block.
+        await vol.block_write(h, memoryview(data))
+        writer = await vol.block_writer(h)
+        assert writer is not None
+        await writer.write(memoryview(b"partial"))
+        await writer.abort()
+        assert await read(vol, h, 4 << 20) == data
+
+    volume_factory.run(body)
+
+
+async def _now_ns() -> int:
+    import time
+
+    return time.time_ns()

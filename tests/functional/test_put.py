@@ -214,3 +214,50 @@ def test_put_bad_locators(server: KeepServer) -> None:
 
 def test_admin_root_token_is_not_needed_for_put(server: KeepServer) -> None:
     assert server.put(b"foo", token=ROOT_TOKEN).status == 200
+
+
+# --- large bodies are written to disk while they arrive (committed only once verified) --------------------------
+
+BIG = 6 * 1024 * 1024
+
+
+def test_big_put_wrong_hash_leaves_nothing(server: KeepServer) -> None:
+    data = os.urandom(BIG)
+    r = server.put(data, path=f"/{md5(b'something else')}")
+    assert r.status == 400 and r.text.startswith("content hash ")
+    assert nothing_stored(server)
+
+
+def test_big_put_client_vanishes_midway(server: KeepServer) -> None:
+    data = os.urandom(BIG)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(f"PUT /{md5(data)} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n\r\n".encode())
+        s.sendall(data[: 4 * BIG // 5])  # enough for a segment to be on disk already
+        time.sleep(0.5)
+    deadline = time.monotonic() + 5
+    while not nothing_stored(server) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert nothing_stored(server)
+    assert server.put(data).status == 200  # and the block can be stored afterwards
+
+
+def test_big_put_duplicate_touches(server: KeepServer) -> None:
+    data = os.urandom(BIG)
+    assert server.put(data).status == 200
+    first = server.index().text.split()[1]
+    time.sleep(0.01)
+    assert server.put(data).status == 200
+    lines = [line for line in server.index().text.splitlines() if line]
+    assert len(lines) == 1 and int(lines[0].split()[1]) > int(first)
+
+
+def test_big_put_goes_elsewhere_when_first_volume_full(server: KeepServer) -> None:
+    data = os.urandom(BIG)
+    h = md5(data)
+    first = 0 if md5((h + "0" * 15).encode()) < md5((h + "1" * 15).encode()) else 1
+    os.symlink(str(int(time.time())), server.volume_root(first) / "full")
+    r = server.put(data)
+    assert r.status == 200
+    assert h in stored_files(server.volume_root(1 - first))
+    assert h not in stored_files(server.volume_root(first))
+    assert server.get(r.text.strip(), timeout=60).body == data
