@@ -512,9 +512,10 @@ def main() -> None:
     ceiling_rows = "\n".join(
         f"| {label} | {mb:,.0f} MB/s | {files:,.0f} files/s |" for label, (mb, files) in ceilings.items()
     )
+    median = f", median of {args.repeat}" if args.repeat > 1 else ""
     body = f"""## keepstore vs nginx{f" ({args.label})" if args.label else ""} (`bench/http_bench.py`)
 
-{machine(args.src)}. wrk {args.duration:.0f} s per cell (longer where few requests would complete){f", median of {args.repeat}" if args.repeat > 1 else ""};
+{machine(args.src)}. wrk {args.duration:.0f} s per cell (longer where few requests would complete){median};
 keepstore: one directory volume, fsync on, every GET verified, MaxKeepBlobBuffers {args.buffers},
 {args.workers or os.cpu_count()} worker processes; nginx: one worker,
 WebDAV PUT, no checksum, no fsync. PUTs write unique blocks; GETs read a fixed stored set (page cache warm).
