@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import itertools
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from aiohttp.web_request import BaseRequest
@@ -42,14 +40,6 @@ class RequestLimiter:
         for w in self._queue:
             counts["high" if -w.key[0] > 0 else "normal"] += 1
         return counts
-
-    @asynccontextmanager
-    async def slot(self, request: BaseRequest) -> AsyncIterator[None]:
-        await self.acquire(self.priority(request))
-        try:
-            yield
-        finally:
-            self.release()
 
     async def acquire(self, priority: int = 0) -> None:
         if self.max_concurrent <= 0:

@@ -212,6 +212,17 @@ class Store:
             raise ChecksumMismatch()
         raise failure or BlockNotFound()
 
+    async def verified_on(self, mnt: Mount, hash: str, size: int, scratch: memoryview) -> bool:
+        """Whether ``mnt`` holds a good copy of the block (right size, right md5). BlockNotFound if absent."""
+        local = await mnt.volume.block_open(hash)
+        if local is None:
+            n = await mnt.volume.block_read(hash, scratch)
+            return n == size and await md5_hex(scratch[:n]) == hash
+        try:
+            return local.size == size and await local.digest(scratch, keep=False) == hash
+        finally:
+            local.close()
+
     async def _quarantine(self, mnt: Mount, hash: str) -> None:
         try:
             if await mnt.volume.block_quarantine(hash):

@@ -18,8 +18,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 
 from ..bodies import receive
-from ..errors import BlockNotFound, KeepError, TooLarge
-from ..hashing import md5_hex
+from ..errors import KeepError, TooLarge
 from ..logs import new_request_id
 from ..store import Mount
 from .lists import PullRequest
@@ -99,10 +98,9 @@ class Puller:
 
     async def _verified_copy(self, mnt: Mount, h: str, size: int, view: memoryview) -> bool:
         try:
-            n = await mnt.volume.block_read(h, view)
-        except (BlockNotFound, KeepError):
+            return await self.service.store.verified_on(mnt, h, size, view)
+        except KeepError:
             return False
-        return n == size and await md5_hex(view[:n]) == h
 
     async def _fetch(self, server: str, h: str, size: int, view: memoryview) -> str:
         """GET the block from one peer into ``view``: "ok", "not_found", "bad_checksum" or "error"."""
