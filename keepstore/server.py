@@ -84,11 +84,13 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # SIGHUP (systemctl reload) must not kill the server; there is nothing to reload yet (logs go to stderr).
+    loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP received: nothing to reload"))
     try:
         await stop.wait()
         log.info("shutting down: draining requests", extra={"fields": {"timeout": config.drain_timeout}})
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         await service.stop_workers()
         await runner.cleanup()

@@ -104,3 +104,15 @@ def test_single_worker_has_no_supervisor(server_factory: ServerFactory) -> None:
     time.sleep(0.2)
     assert workers_of(srv) == []
     assert srv.put(b"single").status == 200
+
+
+def test_sighup_does_not_stop_the_server(server_factory: ServerFactory) -> None:
+    for workers in (1, 3):
+        srv = server_factory(name=f"hup{workers}", extra={"KeepstorePy": {"Workers": workers}})
+        before = workers_of(srv)
+        os.kill(srv.pid, signal.SIGHUP)
+        wait_for(lambda: "SIGHUP received" in srv.log_text(), what="SIGHUP logged")  # noqa: B023
+        assert srv.proc is not None and srv.proc.poll() is None
+        assert workers_of(srv) == before  # no worker died and was replaced
+        assert srv.put(f"after hup {workers}".encode()).status == 200
+        assert srv.stop() == 0
