@@ -70,6 +70,36 @@ def load(path: str) -> Config:
     return config
 
 
+_SECRETS = ("system_root_token", "management_token", "blob_signing_key")
+
+
+def describe(config: Config) -> str:
+    """The effective settings, one per line, with tokens and keys masked."""
+    lines = []
+    for name in config.__dataclass_fields__:
+        if name in ("volumes", "warnings", "source", "storage_classes"):
+            continue
+        value = getattr(config, name)
+        if name in _SECRETS:
+            value = f"(set, {len(value)} characters)" if value else "(empty)"
+        lines.append(f"  {name}: {value}")
+    for sc in config.storage_classes.values():
+        lines.append(f"  storage class {sc.name}: priority {sc.priority}, default {sc.default}")
+    for v in config.volumes:
+        lines.append(
+            f"  volume {v.uuid}: driver {v.driver}, allow_write {v.allow_write}, allow_trash {v.allow_trash}, "
+            f"replication {v.replication}, classes {','.join(v.storage_classes)}, "
+            f"parameters {_masked_parameters(v.parameters)}"
+        )
+    return "\n".join(lines)
+
+
+def _masked_parameters(params: object) -> dict[str, object]:
+    if not isinstance(params, dict):
+        return {}
+    return {k: ("(set)" if ("Secret" in k or "Key" in k) and v else v) for k, v in params.items()}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     path = args.config or (DEFAULT_CONFIG_PATH if os.path.exists(DEFAULT_CONFIG_PATH) else None)
@@ -89,6 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.command == "check-config":
         print(f"config OK: {config.source}")
+        print(describe(config))
+        for warning in config.warnings:
+            print(f"warning: {warning}")
         return 0
 
     logs.setup(config.log_format, config.log_level, config.cluster_id)

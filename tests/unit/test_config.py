@@ -430,7 +430,7 @@ def test_subprocess_check_config_ok(tmp_path: Path) -> None:
     path = write_config(tmp_path, make_doc(root=str(tmp_path)))
     proc = run_keepstore("check-config", "--config", str(path), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == f"config OK: {path}"
+    assert proc.stdout.splitlines()[0] == f"config OK: {path}"
 
 
 # --- Services.Keepstore.InternalURLs -----------------------------------------------------------------------------
@@ -686,3 +686,19 @@ def test_embedded_default_creates_and_reuses_secrets(tmp_path: Path) -> None:
     assert secrets2 == secrets
     assert config2.blob_signing_key == config.blob_signing_key
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_check_config_prints_settings_with_secrets_masked(tmp_path: Path) -> None:
+    doc = make_doc(root=str(tmp_path))
+    cluster = doc["Clusters"]["zzzzz"]
+    cluster["SystemRootToken"] = "rootsecret0123456789"
+    cluster["ManagementToken"] = "mgmtsecret0123456789"
+    cluster.setdefault("Collections", {})["BlobSigningKey"] = "signsecret0123456789"
+    path = write_config(tmp_path, doc)
+    proc = run_keepstore("check-config", "--config", str(path), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"config OK: {path}")
+    assert "max_keep_blob_buffers:" in proc.stdout and "volume zzzzz-nyw5e-000000000000000" in proc.stdout
+    for secret in ("rootsecret0123456789", "mgmtsecret0123456789", "signsecret0123456789"):
+        assert secret not in proc.stdout + proc.stderr
+    assert "system_root_token: (set, 20 characters)" in proc.stdout
