@@ -116,6 +116,8 @@ def supervise(config: Config, count: int) -> int:
     children: dict[int, int] = {}  # pid -> worker index
     started: dict[int, float] = {}  # worker index -> start time
 
+    supervisor = os.getpid()
+
     def spawn(index: int) -> None:
         from . import logs
 
@@ -125,7 +127,7 @@ def supervise(config: Config, count: int) -> int:
             code = 1
             try:
                 os.close(ready_r)
-                _child_setup()
+                _child_setup(supervisor)
                 for i, other in enumerate(socks):
                     if i != index:
                         other.close()
@@ -161,6 +163,10 @@ def supervise(config: Config, count: int) -> int:
             if info is not None:
                 if info.si_signo in (signal.SIGTERM, signal.SIGINT) and not stopping:
                     stopping = True
+                    # Stop accepting now: the kernel would otherwise keep queueing connections on our copies of
+                    # the listening sockets, to be reset once the workers have drained.
+                    for s in socks:
+                        s.close()
                     deadline = time.monotonic() + config.drain_timeout + 10
                     log.info("stopping workers", extra={"fields": {"signal": signal.Signals(info.si_signo).name}})
                     _signal_all(children, signal.SIGTERM)
@@ -235,14 +241,14 @@ def _signal_all(children: dict[int, int], sig: int) -> None:
             pass
 
 
-def _child_setup() -> None:
+def _child_setup(supervisor: int) -> None:
     """In a freshly forked worker: die with the supervisor; take signals normally again."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):
         pass
-    if os.getppid() == 1:  # the supervisor died between fork and prctl
+    if os.getppid() != supervisor:  # the supervisor died between fork and prctl (it may itself be PID 1)
         os._exit(1)
     for sig in _SUPERVISED:
         signal.signal(sig, signal.SIG_DFL)

@@ -54,6 +54,7 @@ class Call:
     fields: dict[str, object] = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)  # set on whatever response goes out, errors included
     sent: int = 0  # body bytes written to a streamed response
+    response: web.StreamResponse | None = None  # set once a response has started (headers sent)
     log_shared: str = ""  # the request fields, encoded once for both log lines
 
     def decorate(self, resp: web.StreamResponse) -> None:
@@ -66,6 +67,7 @@ class Call:
         """Start a streamed response (headers go out now)."""
         self.decorate(resp)
         self.status_time = time.monotonic()
+        self.response = resp
         await resp.prepare(self.request)
 
     async def write(self, resp: web.StreamResponse, data: bytes | memoryview) -> None:
@@ -160,17 +162,25 @@ class KeepHTTP:
         except asyncio.CancelledError:
             status = 499  # the client went away (or we are shutting down) mid-request
             raise
-        except ConnectionResetError:
-            status = 499  # the client went away while we were sending
-            if resp is None:
+        except Exception as exc:
+            started = call.response
+            if started is not None:
+                # The status line and headers are out: a second response would land inside the body. All that is
+                # left is to cut the body short (the client sees fewer bytes than Content-Length, or no final
+                # chunk) and close the connection.
+                if not isinstance(exc, (ConnectionError, KeepError)):
+                    log.exception("error while sending a response", extra={"fields": {"RequestID": call.request_id}})
+                call.fields["error"] = redact(f"response cut short: {exc}")
+                if call.request.transport is not None:
+                    call.request.transport.abort()
+                resp, status = started, (started.status if not isinstance(exc, ConnectionError) else 499)
+                return resp
+            if isinstance(exc, ConnectionResetError):
+                status = 499  # the client went away before anything was sent
                 raise
-            return resp
-        except Exception:
-            # A bug: say so in the log with the request id, answer 500 (if nothing was sent yet).
+            # A bug: say so in the log with the request id, answer 500.
             log.exception("unhandled error", extra={"fields": {"RequestID": call.request_id}})
             status = 500
-            if resp is not None and resp.prepared:
-                raise
             resp = text_response(500, "internal error\n")
             call.decorate(resp)
             return resp
@@ -188,20 +198,25 @@ class KeepHTTP:
             finally:
                 limiter.release()
         except KeepError as exc:
-            if isinstance(exc, ClientGone) or call.request.transport is None:
-                log.debug("client gone", extra={"fields": {"RequestID": call.request_id}})
+            if call.response is not None:
+                raise  # too late for an error status: handle() cuts the response short
+            if isinstance(exc, Overloaded):
+                call.cors = False  # the limiter sits outside the CORS layer upstream
             resp = error_response(exc)
-            call.fields["error"] = str(exc)
+            call.fields["error"] = redact(str(exc))
             return resp
 
     async def _timed(self, handler: Handler, call: Call, match: re.Match[str]) -> web.StreamResponse:
         timeout = self.service.config.request_timeout
         if timeout <= 0 or getattr(handler, "no_deadline", False):
             return await handler(call, match)
+        deadline = asyncio.timeout(timeout)
         try:
-            async with asyncio.timeout(timeout):
+            async with deadline:
                 return await handler(call, match)
         except TimeoutError:
+            if not deadline.expired():
+                raise  # a timeout of something inside the handler, not the request deadline
             raise ClientGone("request timeout") from None
 
     def _log_request(self, call: Call) -> None:

@@ -42,6 +42,7 @@ class EmptyTrashStats:
     deleted_bytes: int = 0
     remaining_blocks: int = 0
     remaining_bytes: int = 0
+    errors: int = 0  # directories or files that could not be swept (the volume's error counters say why)
 
 
 class VolumeStats:

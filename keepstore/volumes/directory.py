@@ -121,6 +121,7 @@ class DirectoryVolume(Volume):
             max_workers=1 if params.serialize else threads, thread_name_prefix=f"vol-{spec.uuid[-5:]}"
         )
         self._device_id = _device_id(self.root)
+        self._inline_reads = bool(_RWF_NOWAIT)  # see _read_cached
         self._started_ns = time.time_ns()
 
     @property
@@ -150,20 +151,30 @@ class DirectoryVolume(Volume):
         # thread round trip that costs far more than the read itself.
         fd, size = self._open(hash, len(into))
         try:
-            got = 0
-            if size <= INLINE_READ_MAX and _RWF_NOWAIT:
-                try:
-                    got = os.preadv(fd, [into[:size]], 0, _RWF_NOWAIT)
-                except BlockingIOError:
-                    got = 0
-                except OSError as exc:
-                    raise self._fail("read", self._path(hash), exc) from exc
+            got = self._read_cached(fd, into[:size]) if size <= INLINE_READ_MAX else 0
             if got < size:
                 got = await self._run(self._read_rest, hash, fd, size, into, got)
             self.stats.io(read=got)
             return got
         finally:
             os.close(fd)
+
+    def _read_cached(self, fd: int, into: memoryview) -> int:
+        """Read what the page cache holds of ``into``'s range without waiting for the disk: 0 if that is nothing.
+
+        Errors are left for the thread path to report; a file system without RWF_NOWAIT support (tmpfs, some network
+        file systems) turns this fast path off for the volume.
+        """
+        if not self._inline_reads:
+            return 0
+        try:
+            return os.preadv(fd, [into], 0, _RWF_NOWAIT)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                self._inline_reads = False
+            return 0
 
     async def block_open(self, hash: str) -> LocalBlock:
         fd, size = self._open(hash, BLOCK_SIZE)
@@ -203,7 +214,28 @@ class DirectoryVolume(Volume):
         return await self._run(self._quarantine, hash)
 
     async def empty_trash(self, delete_concurrency: int) -> EmptyTrashStats:
-        return await self._run(self._empty_trash, max(1, delete_concurrency))
+        now = time.time()
+        subdirs = await self._run(self._hex_subdirs)
+        limit = asyncio.Semaphore(max(1, delete_concurrency))
+        errors = 0
+
+        async def one(sub: str) -> EmptyTrashStats:
+            nonlocal errors
+            async with limit:
+                try:
+                    return await self._run(self._empty_trash_dir, sub, now)
+                except VolumeError:
+                    errors += 1  # counted in the volume's error stats; the other directories still get swept
+                    return EmptyTrashStats()
+
+        parts = await asyncio.gather(*(one(sub) for sub in subdirs))
+        return EmptyTrashStats(
+            deleted_blocks=sum(p.deleted_blocks for p in parts),
+            deleted_bytes=sum(p.deleted_bytes for p in parts),
+            remaining_blocks=sum(p.remaining_blocks for p in parts),
+            remaining_bytes=sum(p.remaining_bytes for p in parts),
+            errors=errors,
+        )
 
     async def usage(self) -> VolumeUsage:
         return await self._run(self._usage)
@@ -550,43 +582,33 @@ class DirectoryVolume(Volume):
             raise self._fail("readdir", path, exc) from exc
         return out
 
-    def _empty_trash(self, concurrency: int) -> EmptyTrashStats:
-        now = time.time()
-        doomed: list[tuple[str, int]] = []
-        remaining_blocks = remaining_bytes = 0
-        for sub in self._hex_subdirs():
+    def _empty_trash_dir(self, sub: str, now: float) -> EmptyTrashStats:
+        """Delete the expired trash of one 3-character directory (one thread job: the sweep stays cancellable)."""
+        deleted_blocks = deleted_bytes = remaining_blocks = remaining_bytes = 0
+        try:
+            with os.scandir(f"{self.root}/{sub}") as it:
+                entries = [(e.path, e.name) for e in it if _TRASH_RE.fullmatch(e.name)]
+        except FileNotFoundError:
+            return EmptyTrashStats()
+        except OSError as exc:
+            raise self._fail("readdir", f"{self.root}/{sub}", exc) from exc
+        for path, name in entries:
+            m = _TRASH_RE.fullmatch(name)
+            assert m is not None
             try:
-                with os.scandir(f"{self.root}/{sub}") as it:
-                    for entry in it:
-                        m = _TRASH_RE.fullmatch(entry.name)
-                        if m is None:
-                            continue
-                        try:
-                            size = entry.stat(follow_symlinks=False).st_size
-                        except FileNotFoundError:
-                            continue
-                        if int(m.group(2)) <= now:
-                            doomed.append((entry.path, size))
-                        else:
-                            remaining_blocks += 1
-                            remaining_bytes += size
-            except FileNotFoundError:
-                continue
-        deleted_blocks = deleted_bytes = 0
-
-        def unlink(item: tuple[str, int]) -> int:
-            try:
-                self.stats.op("unlink")
-                os.unlink(item[0])
-                return item[1]
-            except FileNotFoundError:
-                return -1
-
-        with concurrent.futures.ThreadPoolExecutor(max_workers=concurrency) as pool:
-            for size in pool.map(unlink, doomed):
-                if size >= 0:
+                size = os.stat(path, follow_symlinks=False).st_size
+                if int(m.group(2)) <= now:
+                    self.stats.op("unlink")
+                    os.unlink(path)
                     deleted_blocks += 1
                     deleted_bytes += size
+                else:
+                    remaining_blocks += 1
+                    remaining_bytes += size
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise self._fail("unlink", path, exc) from exc
         return EmptyTrashStats(deleted_blocks, deleted_bytes, remaining_blocks, remaining_bytes)
 
     def _sweep_temporary(self) -> int:
@@ -665,16 +687,10 @@ class _LocalFile(LocalBlock):
 
     async def digest(self, scratch: memoryview, keep: bool) -> str:
         size = self.size
-        if keep and size <= INLINE_READ_MAX and _RWF_NOWAIT:
+        if keep and size <= INLINE_READ_MAX and self.volume._read_cached(self.fd, scratch[:size]) == size:
             # Small and cached (the common case): read and hash right here, as block_read does.
-            try:
-                if os.preadv(self.fd, [scratch[:size]], 0, _RWF_NOWAIT) == size:
-                    self.volume.stats.io(read=size)
-                    return hashlib.md5(scratch[:size]).hexdigest()
-            except BlockingIOError:
-                pass
-            except OSError as exc:
-                raise self.volume._fail("read", self.volume._path(self.hash), exc) from exc
+            self.volume.stats.io(read=size)
+            return hashlib.md5(scratch[:size]).hexdigest()
         return await self.volume._run(self._digest, scratch, keep and size <= len(scratch))
 
     def _digest(self, scratch: memoryview, keep: bool) -> str:

@@ -91,7 +91,7 @@ class TrashSweeper:
         for mnt in svc.store.trashable:
             try:
                 st = await mnt.volume.empty_trash(svc.config.blob_delete_concurrency)
-            except KeepError as exc:
+            except Exception as exc:  # one volume's failure must not end the sweeps of the others, or later ones
                 log.error("EmptyTrash failed", extra={"fields": {"mount": mnt.uuid, "error": str(exc)}})
                 continue
             svc.sweep_totals["blocks"] += st.deleted_blocks
@@ -101,3 +101,7 @@ class TrashSweeper:
                 f"Remaining in trash: {st.remaining_bytes} bytes in {st.remaining_blocks} blocks.",
                 extra={"fields": {"mount": mnt.uuid}},
             )
+            if st.errors:
+                log.error(
+                    "EmptyTrash could not sweep everything", extra={"fields": {"mount": mnt.uuid, "errors": st.errors}}
+                )

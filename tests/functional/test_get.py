@@ -302,3 +302,23 @@ def test_touch_method_reaches_router(server: KeepServer) -> None:
             assert resp.status == 200, (method, resp.status, body)
     finally:
         conn.close()
+
+
+def test_volume_without_rwf_nowait(server_factory: ServerFactory, tmp_path: Path) -> None:
+    # tmpfs (like some network file systems) refuses RWF_NOWAIT reads: the cached-read fast path must step aside.
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("/dev/shm is not available to host a tmpfs volume on this machine")
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="keepstore-test-", dir=shm))
+    try:
+        srv = server_factory(volumes=[directory_volume(root, 0)])
+        for data in (b"foo", os.urandom(70_000), os.urandom(3 << 20)):
+            loc = srv.put(data).text.strip()
+            assert srv.get(loc).body == data
+            assert srv.head(loc).status == 200
+        srv.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -169,3 +169,27 @@ def _params(root: Path) -> object:
     from keepstore.volumes.directory import DirectoryParameters
 
     return DirectoryParameters(root=str(root))
+
+
+def test_timeout_after_headers_cuts_the_body_short(server_factory: ServerFactory) -> None:
+    # A slow reader outlives RequestTimeout during a large GET: the 200 is already out, so the only honest answer
+    # is a short body and a closed connection (never a second status line inside the body).
+    srv = server_factory(volumes=1, api={"RequestTimeout": "2s"})
+    data = os.urandom(32 << 20)
+    loc = srv.put(data).text.strip()
+    s = socket.create_connection(("127.0.0.1", srv.port))  # and then reads nothing for a while
+    try:
+        s.sendall(f"GET /{loc} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {USER_TOKEN}\r\n\r\n".encode())
+        out = bytearray(s.recv(300))
+        assert out.startswith(b"HTTP/1.1 200 OK")
+        time.sleep(3.5)
+        s.settimeout(10)
+        while chunk := s.recv(1 << 20):  # ends with EOF: the server closed the connection
+            out += chunk
+    finally:
+        s.close()
+    head, _, body = bytes(out).partition(b"\r\n\r\n")
+    assert b"Content-Length: 33554432" in head
+    assert len(body) < len(data)
+    assert b"HTTP/1.1" not in body
+    wait_for(lambda: any("response cut short" in str(x.get("error")) for x in srv.log_lines()), timeout=5)
