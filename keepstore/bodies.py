@@ -3,25 +3,40 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 
 from aiohttp import StreamReader
 
 from .errors import KeepError, TooLarge
-from .hashing import StreamHasher
+from .hashing import Checkpoints, StreamHasher
 from .locator import BLOCK_SIZE
 from .volumes import BlockWriter
 
 
-async def receive(
-    stream: StreamReader, view: memoryview, limit: int = BLOCK_SIZE, writer: WriterPipe | None = None
-) -> tuple[int, str]:
-    """Copy ``stream`` into ``view`` and return (size, md5 hex). TooLarge past ``limit`` bytes.
+@dataclass(frozen=True)
+class Body:
+    """A block body received into a buffer: its size, its MD5 and the checkpoints recorded on the way."""
 
-    With a ``writer``, the data also goes to disk as it arrives. Errors of the stream itself (connection lost, bad
-    framing) propagate unchanged for the caller to classify. Returns (and raises) only once no thread is reading
-    the buffer any more.
+    size: int
+    md5: str
+    checkpoints: Checkpoints | None
+
+
+async def receive(
+    stream: StreamReader,
+    view: memoryview,
+    limit: int = BLOCK_SIZE,
+    writer: WriterPipe | None = None,
+    size_hint: int | None = None,
+) -> Body:
+    """Copy ``stream`` into ``view`` and hash it. TooLarge past ``limit`` bytes.
+
+    With a ``writer``, the data also goes to disk as it arrives. ``size_hint`` (the announced size) sets where MD5
+    checkpoints are recorded (keepstore.hashing). Errors of the stream itself (connection lost, bad framing)
+    propagate unchanged for the caller to classify. Returns (and raises) only once no thread is reading the buffer
+    any more.
     """
-    hasher = StreamHasher(view)
+    hasher = StreamHasher(view, size_hint)
     filled = 0
     try:
         while chunk := await stream.readany():
@@ -35,7 +50,8 @@ async def receive(
                 writer.advance(filled)
         if writer is not None:
             await writer.finish(filled)
-        return filled, await hasher.finish(filled)
+        digest = await hasher.finish(filled)
+        return Body(filled, digest, hasher.checkpoints(filled))
     finally:
         await hasher.aclose()
         if writer is not None:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from . import logs
+from . import hashing, logs
 from .config import Config
 from .http.app import KeepHTTP
 from .http.protocol import KeepServer
@@ -47,6 +47,7 @@ async def serve(
     # is seen; the default 5 ms switch interval makes them wait up to that long. 0.5 ms measured 5-25% faster on
     # verified GETs of 1-64 MiB (bench/http_bench.py).
     sys.setswitchinterval(0.0005)
+    hashing.configure(processes=worker.count if worker is not None else 1)
     if sock is None:
         sock = bind_socket(config)
     service = Service.build(config)

@@ -23,7 +23,7 @@ from .errors import (
     VolumeFull,
     VolumeUnavailable,
 )
-from .hashing import md5_hex
+from .hashing import Checkpoints, md5_hex
 from .volumes import BlockWriter, IndexEntry, LocalBlock, Volume
 
 log = logging.getLogger("keepstore.store")
@@ -270,12 +270,18 @@ class Store:
         return None
 
     async def write(
-        self, hash: str, data: memoryview, classes: Sequence[str] = (), done: Sequence[Mount] = ()
+        self,
+        hash: str,
+        data: memoryview,
+        classes: Sequence[str] = (),
+        done: Sequence[Mount] = (),
+        checkpoints: Checkpoints | None = None,
     ) -> WriteResult:
         """Store ``data`` (already verified to hash to ``hash``) on as many writable mounts as the classes need.
 
         A mount that already holds identical bytes is touched instead of rewritten; different bytes under the same
         hash are a HashCollision. ``done`` are mounts the caller already wrote the block to (a streamed PUT).
+        ``checkpoints`` (recorded while the data was hashed) go to the volumes with it, for faster verified reads.
         Returns once every started write has finished, even if cancelled meanwhile.
         """
         order = self.rendezvous(hash, self.writable)
@@ -328,7 +334,7 @@ class Store:
                 if not result.want(mnt) or not pending.want(mnt):
                     continue
                 pending.add(mnt)
-                running[asyncio.ensure_future(mnt.volume.block_write(hash, data))] = mnt
+                running[asyncio.ensure_future(mnt.volume.block_write(hash, data, checkpoints))] = mnt
             await settle(wait_for_one=False)
         finally:
             if running:

@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
-from ..bodies import WriterPipe, receive
+from ..bodies import Body, WriterPipe, receive
 from ..errors import (
     BadRequestBody,
     ClientGone,
@@ -124,7 +124,8 @@ async def write(call: Call, match: re.Match[str]) -> web.StreamResponse:
                 # Only now that a buffer is ours do we ask for the body (as upstream does).
                 await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             pipe = WriterPipe(buf.view, stream[1]) if stream is not None else None
-            size, computed = await _receive(call, buf.view, pipe)
+            body = await _receive(call, buf.view, pipe, declared)
+            size, computed = body.size, body.md5
             if declared is not None and size != declared:
                 raise ContentLengthMismatch(size, declared)
             if not locator_path.startswith(computed):
@@ -132,12 +133,12 @@ async def write(call: Call, match: re.Match[str]) -> web.StreamResponse:
             done = []
             if stream is not None and pipe is not None and pipe.error is None:
                 try:
-                    await stream[1].commit()
+                    await stream[1].commit(body.checkpoints)
                     committed = True
                     done = [stream[0]]
                 except KeepError:
                     pass  # the normal write below tries this mount again, or the next one
-            result = await svc.store.write(computed, buf.view[:size], classes, done=done)
+            result = await svc.store.write(computed, buf.view[:size], classes, done=done, checkpoints=body.checkpoints)
         finally:
             if stream is not None and not committed:
                 await stream[1].abort()
@@ -152,10 +153,10 @@ async def write(call: Call, match: re.Match[str]) -> web.StreamResponse:
     return resp
 
 
-async def _receive(call: Call, view: memoryview, pipe: WriterPipe | None) -> tuple[int, str]:
-    """Read the request body into ``view`` while hashing it (and writing it, with a pipe); return (size, md5)."""
+async def _receive(call: Call, view: memoryview, pipe: WriterPipe | None, declared: int | None) -> Body:
+    """Read the request body into ``view`` while hashing it (and writing it, with a pipe)."""
     try:
-        return await receive(call.request.content, view, writer=pipe)
+        return await receive(call.request.content, view, writer=pipe, size_hint=declared)
     except (ConnectionError, asyncio.IncompleteReadError) as exc:
         raise ClientGone(str(exc)) from exc
     except (RequestPayloadError, HttpProcessingError) as exc:

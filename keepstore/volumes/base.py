@@ -17,6 +17,8 @@ Invariants every driver must keep (``tests/contract`` checks them against each d
   trashed block can be untrashed until ``empty_trash`` runs after its deadline.
 * **Errors are domain errors.** Drivers raise :class:`BlockNotFound`, :class:`VolumeFull`, :class:`TooLarge` or
   :class:`VolumeError` (with the cause chained), nothing backend-specific.
+* **Checkpoints are hints.** A driver may keep a block's MD5 checkpoints beside it to verify reads faster; they are
+  checked, never trusted (a wrong or missing one costs speed, not correctness), and losing them is harmless.
 * **Buffers are borrowed.** ``block_read`` fills the caller's buffer and ``block_write`` reads the caller's data; a
   driver keeps no reference to either after the call returns (or is cancelled).
 """
@@ -27,6 +29,8 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+
+from ..hashing import Checkpoints
 
 
 @dataclass(frozen=True)
@@ -108,8 +112,8 @@ class BlockWriter(ABC):
         """Append ``data``. VolumeFull / VolumeError on failure (the caller then aborts)."""
 
     @abstractmethod
-    async def commit(self) -> None:
-        """Make the block durable and visible under its hash (mtime = now)."""
+    async def commit(self, checkpoints: Checkpoints | None = None) -> None:
+        """Make the block durable and visible under its hash (mtime = now), with its checkpoints if given."""
 
     @abstractmethod
     async def abort(self) -> None:
@@ -158,9 +162,11 @@ class Volume(ABC):
         return None
 
     @abstractmethod
-    async def block_write(self, hash: str, data: memoryview) -> None:
+    async def block_write(self, hash: str, data: memoryview, checkpoints: Checkpoints | None = None) -> None:
         """Store ``data`` under ``hash`` durably and atomically, replacing any existing copy; mtime becomes now.
 
+        ``checkpoints`` are the block's MD5 checkpoints (keepstore.hashing): a driver that can keep them beside the
+        block does, and uses them to verify reads in parallel; one that cannot ignores them.
         Raises VolumeFull when the backend is out of space, VolumeError on other failures.
         """
 

@@ -39,6 +39,8 @@ from typing import Any, TypeVar
 from ..aio import run_blocking
 from ..config import ConfigError, VolumeSpec
 from ..errors import BlockNotFound, KeepError, TooLarge, VolumeError, VolumeFull
+from ..hashing import PARALLEL_MIN, Checkpoints, Md5State, ShortRead, digest_segments, new_md5, segment_length
+from ..hashing import submit as hash_submit
 from ..locator import BLOCK_SIZE
 from .base import BlockWriter, EmptyTrashStats, IndexEntry, LocalBlock, Volume, VolumeStats, VolumeUsage
 
@@ -55,6 +57,7 @@ _COPY_CHUNK = 1 << 20
 INLINE_READ_MAX = 64 * 1024  # blocks up to this size are read on the event loop when cached (see block_read)
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 _STREAM_SEGMENT = 4 * 1024 * 1024
+CHECKPOINT_XATTR = "user.keepstore.md5"  # a block's MD5 checkpoints (keepstore.hashing.Checkpoints.encode)
 
 
 def _load_sync_file_range() -> Callable[[int, int, int], None]:
@@ -122,6 +125,8 @@ class DirectoryVolume(Volume):
         )
         self._device_id = _device_id(self.root)
         self._inline_reads = bool(_RWF_NOWAIT)  # see _read_cached
+        self._xattrs = hasattr(os, "setxattr")  # see _set_checkpoints
+        self._learn = spec.allow_write  # record checkpoints of blocks that lack them when they are read
         self._started_ns = time.time_ns()
 
     @property
@@ -180,8 +185,8 @@ class DirectoryVolume(Volume):
         fd, size = self._open(hash, BLOCK_SIZE)
         return _LocalFile(self, hash, fd, size)
 
-    async def block_write(self, hash: str, data: memoryview) -> None:
-        await self._run(self._write, hash, data)
+    async def block_write(self, hash: str, data: memoryview, checkpoints: Checkpoints | None = None) -> None:
+        await self._run(self._write, hash, data, checkpoints)
 
     async def block_writer(self, hash: str) -> BlockWriter:
         tmp, fd = await self._run(self._create_temp, hash)
@@ -318,11 +323,11 @@ class DirectoryVolume(Volume):
             except OSError as exc:
                 raise self._fail("read", path, exc) from exc
 
-    def _write(self, hash: str, data: memoryview) -> None:
+    def _write(self, hash: str, data: memoryview, checkpoints: Checkpoints | None) -> None:
         tmp, fd = self._create_temp(hash)
         try:
             self._append(hash, tmp, fd, data, 0)
-            self._finish(hash, tmp, fd)
+            self._finish(hash, tmp, fd, checkpoints)
         except BaseException:
             self._discard(tmp, fd)
             raise
@@ -364,7 +369,9 @@ class DirectoryVolume(Volume):
         except OSError as exc:
             raise self._write_error(exc, tmp) from exc
 
-    def _finish(self, hash: str, tmp: str, fd: int) -> None:
+    def _finish(self, hash: str, tmp: str, fd: int, checkpoints: Checkpoints | None) -> None:
+        if checkpoints is not None:
+            self._set_checkpoints(fd, checkpoints)  # before the fsync: durable with the data, visible with it
         try:
             # ext4 stamps inodes from a coarse clock; set a precise mtime so that index and trash-list mtimes
             # (nanoseconds) are distinct and monotonic.
@@ -377,6 +384,25 @@ class DirectoryVolume(Volume):
             self.stats.op("rename")
         except OSError as exc:
             raise self._write_error(exc, tmp) from exc
+
+    def _set_checkpoints(self, fd: int, checkpoints: Checkpoints) -> None:
+        """Keep a block's MD5 checkpoints in an extended attribute (a hint: a file system without them does not)."""
+        if not self._xattrs:
+            return
+        try:
+            os.setxattr(fd, CHECKPOINT_XATTR, checkpoints.encode())
+        except OSError as exc:
+            if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.EACCES):
+                self._xattrs = False  # not on this file system (or not for us): stop trying
+            # ENOSPC and other errors: this block goes without; the write itself decides its own fate
+
+    def _get_checkpoints(self, fd: int, size: int) -> Checkpoints | None:
+        if not self._xattrs or size < PARALLEL_MIN:
+            return None
+        try:
+            return Checkpoints.decode(os.getxattr(fd, CHECKPOINT_XATTR), size)
+        except OSError:
+            return None  # ENODATA: written by Go keepstore or an older keepstore-py (or copied without xattrs)
 
     def _discard(self, tmp: str, fd: int) -> None:
         try:
@@ -656,9 +682,9 @@ class _StreamingWrite(BlockWriter):
         await self.volume._run(self.volume._append, self.hash, self.tmp, self.fd, data, self.offset)
         self.offset += len(data)
 
-    async def commit(self) -> None:
+    async def commit(self, checkpoints: Checkpoints | None = None) -> None:
         self.closed = True  # _finish closes the file whatever happens after its fsync
-        await self.volume._run(self.volume._finish, self.hash, self.tmp, self.fd)
+        await self.volume._run(self.volume._finish, self.hash, self.tmp, self.fd, checkpoints)
 
     async def abort(self) -> None:
         if not self.closed:
@@ -694,20 +720,74 @@ class _LocalFile(LocalBlock):
         return await self.volume._run(self._digest, scratch, keep and size <= len(scratch))
 
     def _digest(self, scratch: memoryview, keep: bool) -> str:
-        """Thread side: read and hash chunk by chunk, so each chunk is hashed while still in the CPU cache."""
-        md5 = hashlib.md5()
+        """Thread side: the file's MD5, from all its segments at once if it has checkpoints, else from the start."""
+        volume = self.volume
+        if not keep:
+            checkpoints = volume._get_checkpoints(self.fd, self.size)
+            if checkpoints is not None:
+                try:
+                    digest = digest_segments(self._pread, self.size, checkpoints, scratch)
+                except OSError as exc:
+                    raise volume._fail("read", volume._path(self.hash), exc) from exc
+                except ShortRead as exc:
+                    raise VolumeError(f"read {volume._path(self.hash)}: {exc}") from None
+                if digest is not None:
+                    volume.stats.io(read=self.size)
+                    return digest
+                volume.stats.op("checkpoint_mismatch")  # corrupt data, or a stale hint: hash from the start
+                checkpoints = None
+        learn = volume._learn and volume._xattrs and self.size >= PARALLEL_MIN
+        interval = segment_length(self.size) if learn else 0
+        md5 = new_md5(interval)
+        digest = self._digest_sequential(md5, scratch, keep)
+        if learn and digest == self.hash:
+            # A block without checkpoints (written by Go keepstore, or before keepstore-py kept them): record what
+            # this read computed anyway, so the next read is parallel. Not fsynced: a hint lost in a crash is
+            # harmless. Only for data that just verified, and only on writable mounts.
+            found = Checkpoints.of(md5, interval, self.size)
+            if found is not None:
+                volume._set_checkpoints(self.fd, found)
+        return digest
+
+    def _pread(self, window: memoryview, offset: int) -> int:
+        got = 0
+        while got < len(window):
+            n = os.preadv(self.fd, [window[got:]], offset + got)
+            if n == 0:
+                break
+            got += n
+        return got
+
+    def _digest_sequential(self, md5: Md5State, scratch: memoryview, keep: bool) -> str:
+        """Read chunk by chunk, hashing each chunk (in the hash engine) while the next one is read."""
         pos = 0
+        alternate = not keep and len(scratch) >= 2 * _COPY_CHUNK
+        pending: concurrent.futures.Future[None] | None = None
         try:
             while pos < self.size:
                 n = min(_COPY_CHUNK, self.size - pos)
-                window = scratch[pos : pos + n] if keep else scratch[:n]
+                if keep:
+                    window = scratch[pos : pos + n]
+                else:
+                    # Two windows in turn: one is read into while the engine hashes the other.
+                    start = _COPY_CHUNK if alternate and (pos // _COPY_CHUNK) % 2 else 0
+                    window = scratch[start : start + n]
                 got = os.preadv(self.fd, [window], pos)
+                if pending is not None:
+                    pending.result()
+                    pending = None
                 if got == 0:
                     break
-                md5.update(window[:got])
+                pending = hash_submit(md5, window[:got])
+                if not alternate and not keep:
+                    pending.result()  # one window only: it must be hashed before the next read
+                    pending = None
                 pos += got
         except OSError as exc:
             raise self.volume._fail("read", self.volume._path(self.hash), exc) from exc
+        finally:
+            if pending is not None:
+                concurrent.futures.wait([pending])  # the engine reads scratch until then
         self.volume.stats.io(read=pos)
         if pos != self.size:
             raise VolumeError(f"read {self.volume._path(self.hash)}: unexpected EOF after {pos} of {self.size} bytes")

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from ..bodies import receive
+from ..bodies import Body, receive
 from ..errors import KeepError, TooLarge
 from ..logs import new_request_id
 from ..store import Mount
@@ -82,9 +82,9 @@ class Puller:
             outcome = "not_found"
             for server in req.servers:
                 result = await self._fetch(server, h, size, buf.view)
-                if result == "ok":
+                if isinstance(result, Body):
                     try:
-                        await mnt.volume.block_write(h, buf.view[:size])
+                        await mnt.volume.block_write(h, buf.view[:size], result.checkpoints)
                     except KeepError as exc:
                         log.warning("error writing pulled block", extra={"fields": {**fields, "error": str(exc)}})
                         return "error"
@@ -102,8 +102,8 @@ class Puller:
         except KeepError:
             return False
 
-    async def _fetch(self, server: str, h: str, size: int, view: memoryview) -> str:
-        """GET the block from one peer into ``view``: "ok", "not_found", "bad_checksum" or "error"."""
+    async def _fetch(self, server: str, h: str, size: int, view: memoryview) -> Body | str:
+        """GET the block from one peer into ``view``: the verified body, or "not_found", "bad_checksum", "error"."""
         assert self._session is not None
         svc = self.service
         token = secrets.token_hex(20)
@@ -122,14 +122,14 @@ class Puller:
                 if resp.content_length is not None and resp.content_length != size:
                     log.warning("peer sent wrong size", extra={"fields": {**fields, "size": resp.content_length}})
                     return "bad_checksum"
-                n, digest = await receive(resp.content, view, limit=size)
+                body = await receive(resp.content, view, limit=size, size_hint=size)
         except TooLarge:
             log.warning("peer sent more than the size hint", extra={"fields": fields})
             return "bad_checksum"
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             log.info("pull from peer failed", extra={"fields": {**fields, "error": f"{type(exc).__name__}: {exc}"}})
             return "error"
-        if n != size or digest != h:
+        if body.size != size or body.md5 != h:
             log.warning("peer sent data that does not match the locator", extra={"fields": fields})
             return "bad_checksum"
-        return "ok"
+        return body

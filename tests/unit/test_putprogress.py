@@ -69,7 +69,7 @@ class StubVolume(Volume):
         into[: len(data)] = data
         return len(data)
 
-    async def block_write(self, hash: str, data: memoryview) -> None:
+    async def block_write(self, hash: str, data: memoryview, checkpoints: object = None) -> None:
         self.calls.append(("write", self.name))
         self.in_flight += 1
         self.peak_in_flight[0] = max(self.peak_in_flight[0], self.in_flight)
