@@ -19,9 +19,10 @@ import pytest
 
 from keepstore.config import ConfigError, VolumeSpec
 from keepstore.errors import BlockNotFound, TooLarge, VolumeError, VolumeFull
+from keepstore.hashing import PARALLEL_MIN, Checkpoints, digest_segments, new_md5, segment_length
 from keepstore.locator import BLOCK_SIZE
-from keepstore.volumes import IndexEntry
-from keepstore.volumes.directory import FULL_MARKER_TTL, DirectoryParameters, DirectoryVolume
+from keepstore.volumes import IndexEntry, directory
+from keepstore.volumes.directory import CHECKPOINT_XATTR, FULL_MARKER_TTL, DirectoryParameters, DirectoryVolume
 
 UUID = "zzzzz-nyw5e-000000000000000"
 HOUR = 3600.0
@@ -31,9 +32,13 @@ def md5(data: bytes) -> str:
     return hashlib.md5(data).hexdigest()
 
 
-def make_spec(root: Path) -> VolumeSpec:
+def make_spec(root: Path, read_only: bool = False) -> VolumeSpec:
     return VolumeSpec(
-        uuid=UUID, driver="Directory", parameters={"Root": str(root)}, key_path=f"Clusters.zzzzz.Volumes.{UUID}"
+        uuid=UUID,
+        driver="Directory",
+        parameters={"Root": str(root)},
+        key_path=f"Clusters.zzzzz.Volumes.{UUID}",
+        read_only=read_only,
     )
 
 
@@ -44,9 +49,11 @@ def root(tmp_path: Path) -> Path:
     return r
 
 
-def run(root: Path, body: Callable[[DirectoryVolume], Awaitable[None]], serialize: bool = False) -> None:
+def run(
+    root: Path, body: Callable[[DirectoryVolume], Awaitable[None]], serialize: bool = False, read_only: bool = False
+) -> None:
     async def main() -> None:
-        vol = DirectoryVolume(make_spec(root), DirectoryParameters(root=str(root), serialize=serialize))
+        vol = DirectoryVolume(make_spec(root, read_only), DirectoryParameters(root=str(root), serialize=serialize))
         try:
             await vol.start()
             await body(vol)
@@ -524,6 +531,287 @@ def test_quarantine_leaves_good_copy(root: Path) -> None:
         assert not (root / "quarantine").exists()
 
     run(root, body)
+
+
+# --- MD5 checkpoints (keepstore.hashing): kept in an xattr, checked on reads, learned by verified reads --------------
+
+
+def stored_checkpoints(path: Path) -> bytes | None:
+    """The block file's checkpoint xattr, None if it has none. No xattr support at all raises: the test fails."""
+    try:
+        return os.getxattr(path, CHECKPOINT_XATTR)
+    except OSError as exc:
+        if exc.errno == errno.ENODATA:
+            return None
+        raise
+
+
+def recorded(data: bytes) -> Checkpoints:
+    """The checkpoints a PUT of ``data`` records while it hashes the body."""
+    interval = segment_length(len(data))
+    state = new_md5(interval)
+    state.update(data)
+    found = Checkpoints.of(state, interval, len(data))
+    assert found is not None
+    return found
+
+
+def flip_byte(path: Path, pos: int) -> bytes:
+    """Corrupt one byte of the file in place (same inode: its xattrs stay); return the new contents."""
+    with open(path, "r+b") as f:
+        f.seek(pos)
+        old = f.read(1)
+        f.seek(pos)
+        f.write(bytes([old[0] ^ 0x20]))
+    return path.read_bytes()
+
+
+async def digest(vol: DirectoryVolume, h: str, keep: bool = False, scratch: memoryview | None = None) -> str:
+    local = await vol.block_open(h)
+    try:
+        return await local.digest(scratch if scratch is not None else memoryview(bytearray(4 << 20)), keep)
+    finally:
+        local.close()
+
+
+def mismatches(vol: DirectoryVolume) -> int:
+    return vol.stats.ops.get("checkpoint_mismatch", 0)
+
+
+@pytest.fixture
+def parallel(monkeypatch: pytest.MonkeyPatch) -> list[str | None]:
+    """What each parallel verification (digest_segments from checkpoints) returned, in order."""
+    results: list[str | None] = []
+    real = digest_segments
+
+    def spy(*args: Any) -> str | None:
+        result = real(*args)
+        results.append(result)
+        return result
+
+    monkeypatch.setattr(directory, "digest_segments", spy)
+    return results
+
+
+def test_block_write_keeps_checkpoints_and_reads_use_them(root: Path, parallel: list[str | None]) -> None:
+    data = os.urandom(1 << 20)
+    h = md5(data)
+    checkpoints = recorded(data)
+
+    async def body(vol: DirectoryVolume) -> None:
+        await vol.block_write(h, memoryview(data), checkpoints)
+        assert stored_checkpoints(root / h[:3] / h) == checkpoints.encode()
+        assert listing(root) == {h[:3], f"{h[:3]}/{h}"}
+        assert await digest(vol, h) == h
+        assert parallel == [h]  # verified from the checkpoints, all segments at once
+        assert mismatches(vol) == 0
+        assert await read(vol, h) == data
+
+    run(root, body)
+
+
+@pytest.mark.parametrize("where", ["first segment", "middle", "last segment"])
+def test_corrupt_data_with_checkpoints_is_detected(root: Path, parallel: list[str | None], where: str) -> None:
+    data = os.urandom(1 << 20)
+    h = md5(data)
+    checkpoints = recorded(data)
+    pos = {"first segment": 5, "middle": len(data) // 2, "last segment": len(data) - 1}[where]
+
+    async def body(vol: DirectoryVolume) -> None:
+        await vol.block_write(h, memoryview(data), checkpoints)
+        path = root / h[:3] / h
+        bad = flip_byte(path, pos)
+        assert stored_checkpoints(path) == checkpoints.encode()  # the hint survived the corruption
+        got = await digest(vol, h)
+        assert got != h
+        assert got == md5(bad)
+        if where == "last segment":
+            # No checkpoint follows the last segment: every chain matches and the final digest itself is wrong,
+            # so there is nothing to fall back on.
+            assert (parallel, mismatches(vol)) == ([md5(bad)], 0)
+        else:
+            # A segment ends off its checkpoint: hashed again from the start, which gives the (wrong) real digest.
+            assert (parallel, mismatches(vol)) == ([None], 1)
+        assert stored_checkpoints(path) == checkpoints.encode()  # nothing learned from data that did not verify
+        assert await vol.block_quarantine(h) is True
+
+    run(root, body)
+
+
+def test_checkpoints_of_another_block_cost_only_speed(root: Path, parallel: list[str | None]) -> None:
+    data, other = os.urandom(1 << 20), os.urandom(1 << 20)
+    h = md5(data)
+
+    async def body(vol: DirectoryVolume) -> None:
+        await vol.block_write(h, memoryview(data), recorded(other))  # well-formed, but wrong for this block
+        path = root / h[:3] / h
+        assert await digest(vol, h) == h
+        assert (parallel, mismatches(vol)) == ([None], 1)
+        assert stored_checkpoints(path) == recorded(data).encode()  # corrected by the read that verified
+        assert await digest(vol, h) == h
+        assert (parallel, mismatches(vol)) == ([None, h], 1)
+
+    run(root, body)
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [b"garbage", b"", b"\x01", b"\x02" + bytes(4 + 7 * 16), b"\x01" + (100).to_bytes(4, "little") + bytes(7 * 16)],
+    ids=["text", "empty", "version only", "other version", "bad interval"],
+)
+def test_garbage_checkpoints_are_ignored_and_replaced(root: Path, parallel: list[str | None], garbage: bytes) -> None:
+    data = os.urandom(1 << 20)
+    h = md5(data)
+
+    async def body(vol: DirectoryVolume) -> None:
+        await vol.block_write(h, memoryview(data), recorded(data))
+        path = root / h[:3] / h
+        os.setxattr(path, CHECKPOINT_XATTR, garbage)
+        assert await digest(vol, h) == h
+        assert (parallel, mismatches(vol)) == ([], 0)  # not even tried: it does not decode
+        assert stored_checkpoints(path) == recorded(data).encode()
+        assert await digest(vol, h) == h
+        assert parallel == [h]
+
+    run(root, body)
+
+
+@pytest.mark.parametrize("how", ["block_write", "placed by hand"])
+def test_checkpoints_are_learned_by_a_verified_read(root: Path, parallel: list[str | None], how: str) -> None:
+    data = os.urandom(3 << 20)
+    h = md5(data)
+    if how == "placed by hand":
+        place(root, data)  # as the Go keepstore writes it: no xattr
+
+    async def body(vol: DirectoryVolume) -> None:
+        if how == "block_write":
+            await vol.block_write(h, memoryview(data))
+        path = root / h[:3] / h
+        assert stored_checkpoints(path) is None
+        assert await digest(vol, h) == h
+        assert parallel == []  # nothing to verify in parallel from yet
+        assert stored_checkpoints(path) == recorded(data).encode()
+        assert await digest(vol, h) == h
+        assert parallel == [h]
+        assert mismatches(vol) == 0
+
+    run(root, body)
+
+
+def test_checkpoints_are_learned_when_the_block_is_kept_in_scratch(root: Path, parallel: list[str | None]) -> None:
+    data = os.urandom(1 << 20)
+    h = md5(data)
+    place(root, data)
+    scratch = memoryview(bytearray(2 << 20))
+
+    async def body(vol: DirectoryVolume) -> None:
+        assert await digest(vol, h, keep=True, scratch=scratch) == h
+        assert bytes(scratch[: len(data)]) == data
+        assert parallel == []  # keeping the block means reading it in order
+        assert stored_checkpoints(root / h[:3] / h) == recorded(data).encode()
+
+    run(root, body)
+
+
+def test_no_learning_on_a_read_only_volume(root: Path, parallel: list[str | None]) -> None:
+    data = os.urandom(1 << 20)
+    h = md5(data)
+    path = place(root, data)
+
+    async def body(vol: DirectoryVolume) -> None:
+        assert not vol.spec.allow_write
+        assert await digest(vol, h) == h
+        assert await digest(vol, h) == h
+        assert parallel == []
+        assert stored_checkpoints(path) is None
+
+    run(root, body, read_only=True)
+
+
+def test_read_only_volume_still_uses_stored_checkpoints(root: Path, parallel: list[str | None]) -> None:
+    data = os.urandom(1 << 20)
+    h = md5(data)
+    path = place(root, data)
+    os.setxattr(path, CHECKPOINT_XATTR, recorded(data).encode())
+
+    async def body(vol: DirectoryVolume) -> None:
+        assert await digest(vol, h) == h
+        assert parallel == [h]
+
+    run(root, body, read_only=True)
+
+
+def test_no_learning_from_corrupt_data(root: Path) -> None:
+    good = os.urandom(1 << 20)
+    bad = bytearray(good)
+    bad[12345] ^= 1
+    h = md5(good)
+    path = place(root, bytes(bad), h)
+
+    async def body(vol: DirectoryVolume) -> None:
+        assert await digest(vol, h) == md5(bytes(bad))
+        assert stored_checkpoints(path) is None
+
+    run(root, body)
+
+
+def test_small_blocks_have_no_checkpoints(root: Path) -> None:
+    data = os.urandom(PARALLEL_MIN - 1)
+    h = md5(data)
+
+    async def body(vol: DirectoryVolume) -> None:
+        await vol.block_write(h, memoryview(data))
+        assert await digest(vol, h) == h
+        assert stored_checkpoints(root / h[:3] / h) is None
+
+    run(root, body)
+
+
+def test_streaming_writer_commit_keeps_checkpoints(root: Path, parallel: list[str | None]) -> None:
+    data = os.urandom(5 << 20)
+    h = md5(data)
+    checkpoints = recorded(data)
+
+    async def body(vol: DirectoryVolume) -> None:
+        writer = await vol.block_writer(h)
+        for start in range(0, len(data), 2 << 20):
+            await writer.write(memoryview(data)[start : start + (2 << 20)])
+        await writer.commit(checkpoints)
+        assert stored_checkpoints(root / h[:3] / h) == checkpoints.encode()
+        assert listing(root) == {h[:3], f"{h[:3]}/{h}"}
+        assert await digest(vol, h) == h
+        assert parallel == [h]
+        assert await read(vol, h, len(data)) == data
+
+    run(root, body)
+
+
+@pytest.mark.parametrize("err", [errno.ENOTSUP, errno.EPERM, errno.ENOSPC])
+def test_file_system_refusing_xattrs_does_not_fail_writes(
+    root: Path, monkeypatch: pytest.MonkeyPatch, err: int
+) -> None:
+    calls: list[str] = []
+
+    def refuse(path: Any, name: str, value: bytes, *args: Any) -> None:
+        calls.append(name)
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(os, "setxattr", refuse)
+    blocks = [os.urandom(1 << 20) for _ in range(2)]
+
+    async def body(vol: DirectoryVolume) -> None:
+        for data in blocks:
+            await vol.block_write(md5(data), memoryview(data), recorded(data))
+        for data in blocks:
+            assert await digest(vol, md5(data)) == md5(data)
+            assert await read(vol, md5(data)) == data
+            assert stored_checkpoints(root / md5(data)[:3] / md5(data)) is None
+
+    run(root, body)
+    if err == errno.ENOSPC:
+        assert calls == [CHECKPOINT_XATTR] * 4  # this block goes without; the next ones still try
+    else:
+        assert calls == [CHECKPOINT_XATTR]  # no xattrs here: stop trying
 
 
 # --- construction and parameters ---------------------------------------------------------------------------------
