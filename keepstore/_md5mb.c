@@ -375,8 +375,10 @@ static PyTypeObject Md5Type;
 
 static PyObject *Md5_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"checkpoint", NULL};
-    unsigned long long interval = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|K", kwlist, &interval)) return NULL;
+    PyObject *arg = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|O!", kwlist, &PyLong_Type, &arg)) return NULL;
+    unsigned long long interval = arg ? PyLong_AsUnsignedLongLong(arg) : 0; /* OverflowError if negative */
+    if (interval == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
     if (interval % 64 || interval > UINT32_MAX) {
         PyErr_SetString(PyExc_ValueError, "checkpoint must be a multiple of 64 below 2**32");
         return NULL;
@@ -391,8 +393,13 @@ static PyObject *Md5_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
 
 static PyObject *Md5_resume(PyTypeObject *type, PyObject *args) {
     Py_buffer chain;
-    unsigned long long length;
-    if (!PyArg_ParseTuple(args, "y*K", &chain, &length)) return NULL;
+    PyObject *arg;
+    if (!PyArg_ParseTuple(args, "y*O!", &chain, &PyLong_Type, &arg)) return NULL;
+    unsigned long long length = PyLong_AsUnsignedLongLong(arg); /* OverflowError if negative or too large */
+    if (length == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyBuffer_Release(&chain);
+        return NULL;
+    }
     if (chain.len != 16 || length % 64) {
         PyBuffer_Release(&chain);
         PyErr_SetString(PyExc_ValueError, "resume needs a 16-byte chaining value and a length that is a multiple of 64");

@@ -148,7 +148,9 @@ def digest_segments(
     while the engine hashes the other. Raises ShortRead if ``read`` returns less than asked.
     """
     interval, n = checkpoints.interval, checkpoints.segments
-    stripe = min(STRIPE, interval, max(64, (len(scratch) // (2 * n)) // 64 * 64))
+    stripe = min(STRIPE, interval, (len(scratch) // (2 * n)) // 64 * 64)
+    if stripe <= 0:
+        return None  # no room for two rounds of stripes: the caller hashes from the start
     states = [new_md5()] + [_md5mb.Md5.resume(checkpoints.chain(i), i * interval) for i in range(1, n)]
     pending: list[concurrent.futures.Future[None]] = []
     try:
@@ -165,6 +167,8 @@ def digest_segments(
                     raise ShortRead(f"short read at {start} of {size} bytes")
                 batch.append((states[i], window))
             concurrent.futures.wait(pending)
+            for fut in pending:
+                fut.result()  # an engine failure (a bug) surfaces here rather than as a chain mismatch
             pending = engine().submit_many(batch)
     finally:
         concurrent.futures.wait(pending)  # the engine reads scratch until then
@@ -209,30 +213,38 @@ class _Lane:
                     cond.wait()
                 while queue and len(active) < per_round:
                     active.append(queue.popleft())
-            live = []
-            for job in active:
-                if job.abandoned:
-                    self._done(job)
-                else:
-                    live.append(job)
-            if not live:
-                active = []
-                continue
-            pieces = [job.data[job.pos : job.pos + ROUND] for job in live]
-            try:
-                _update_many([job.state for job in live], pieces)
-            except BaseException as exc:  # a bug, not bad data: fail these jobs, keep serving the others
-                for job in live:
-                    self._done(job, exc)
-                active = []
-                continue
-            active = []
-            for job, piece in zip(live, pieces, strict=True):
-                job.pos += len(piece)
-                if job.pos >= len(job.data):
-                    self._done(job)
-                else:
-                    active.append(job)
+            active = self._round(active)
+
+    def _round(self, active: list[_Job]) -> list[_Job]:
+        """Hash up to ROUND bytes of each active job; return the jobs that are not done.
+
+        A method of its own so that no slice of a caller's buffer outlives the round in a local variable.
+        """
+        live = []
+        for job in active:
+            if job.abandoned:
+                self._done(job)
+            else:
+                live.append(job)
+        if not live:
+            return []
+        pieces = [job.data[job.pos : job.pos + ROUND] for job in live]
+        try:
+            _update_many([job.state for job in live], pieces)
+        except BaseException as exc:  # a bug, not bad data: fail these jobs, keep serving the others
+            for job in live:
+                self._done(job, exc)
+            return []
+        for piece in pieces:
+            piece.release()
+        rest = []
+        for job in live:
+            job.pos = min(len(job.data), job.pos + ROUND)
+            if job.pos >= len(job.data):
+                self._done(job)
+            else:
+                rest.append(job)
+        return rest
 
     def _done(self, job: _Job, exc: BaseException | None = None) -> None:
         job.data = memoryview(b"")  # no reference to the caller's buffer survives the job

@@ -10,9 +10,8 @@ from __future__ import annotations
 import asyncio
 import bisect
 import itertools
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-
-from aiohttp.web_request import BaseRequest
 
 from .errors import Overloaded
 
@@ -32,8 +31,8 @@ class RequestLimiter:
         self._seq = itertools.count()
 
     @staticmethod
-    def priority(request: BaseRequest) -> int:
-        return 1 if request.headers.get("Origin") else 0
+    def priority(headers: Mapping[str, str]) -> int:
+        return 1 if headers.get("Origin") else 0
 
     def queued(self) -> dict[str, int]:
         counts = {"low": 0, "normal": 0, "high": 0}

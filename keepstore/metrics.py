@@ -94,6 +94,12 @@ def families(state: State) -> Iterator[Metric]:
         [({}, c["quarantined"])],
     )
     yield _family(
+        "keepstorepy_fast_path_requests",
+        "Block reads served by the fast path (keepstore.http.fast) rather than through aiohttp",
+        "counter",
+        [({}, c.get("fast_path_requests", 0))],
+    )
+    yield _family(
         "arvados_keepstore_pull_results",
         "Pull list items processed, by outcome",
         "counter",

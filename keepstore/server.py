@@ -58,7 +58,7 @@ async def serve(
     await service.start()
     http = KeepHTTP(service)
     service.http = http
-    server = KeepServer(http.handle, handler_cancellation=True, auto_decompress=False)
+    server = KeepServer(http.handle, fast=http.serve_fast, handler_cancellation=True, auto_decompress=False)
     runner = web.ServerRunner(server, shutdown_timeout=config.drain_timeout, handle_signals=False)
     await runner.setup()
     internal: web.AppRunner | None = None

@@ -65,6 +65,7 @@ def snapshot(svc: Service) -> State:
         "counters": {
             "checksum_errors": svc.store.counters.checksum_errors,
             "quarantined": svc.store.counters.quarantined,
+            "fast_path_requests": svc.http.fast_served if svc.http is not None else 0,
         },
         "pull_outcomes": dict(svc.pull_outcomes),
         "trash_outcomes": dict(svc.trash_outcomes),

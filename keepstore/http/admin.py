@@ -8,11 +8,9 @@ import logging
 import re
 from urllib.parse import parse_qsl
 
-from aiohttp import web
-
 from ..errors import ClientGone, KeepError, MethodNotAllowed, TooLarge
 from ..locator import parse_locator
-from .app import Call
+from .app import TEXT, Call, Reply, json_reply
 from .auth import require_root
 
 log = logging.getLogger("keepstore.http")
@@ -30,42 +28,39 @@ def _query(call: Call, key: str) -> str:
     return values[0] if values else ""
 
 
-async def index(call: Call, match: re.Match[str]) -> web.StreamResponse:
+async def index(call: Call, match: re.Match[str]) -> None:
     """Stream ``<hash>+<size> <mtime ns>`` lines, then a blank line only if every mount was listed completely."""
     _root(call)
     groups = match.groupdict()
     prefix = _query(call, "prefix") or groups.get("prefix") or ""
     entries = call.service.store.index(prefix, groups.get("uuid"))
-    resp = web.StreamResponse(status=200)
-    resp.content_type = "text/plain"
-    resp.charset = "utf-8"
     lines: list[str] = []
     try:
         async for e in entries:
             lines.append(f"{e.hash}+{e.size} {e.mtime_ns}\n")
             if len(lines) >= INDEX_FLUSH_LINES:
-                if not resp.prepared:
-                    await call.prepare(resp)
-                await call.write(resp, "".join(lines).encode())
+                if not call.responded:
+                    await call.start(None, TEXT)
+                await call.send("".join(lines).encode())
                 lines.clear()
     except KeepError as exc:
-        if not resp.prepared:
+        if not call.responded:
             raise  # nothing sent yet: a proper error status is still possible
         # Too late for a status: end the body without the blank line, which tells the client it is incomplete.
         log.error("index failed mid-stream", extra={"fields": {"RequestID": call.request_id, "error": str(exc)}})
-        await call.write(resp, "".join(lines).encode())
-        return resp
-    if not resp.prepared:
-        await call.prepare(resp)
+        await call.send("".join(lines).encode())
+        return None
+    if not call.responded:
+        await call.start(None, TEXT)
     lines.append("\n")
-    await call.write(resp, "".join(lines).encode())
-    return resp
+    await call.send("".join(lines).encode())
+    return None
 
 
 index.no_deadline = True  # type: ignore[attr-defined]  # a big index may take longer than RequestTimeout
 
 
-async def mounts(call: Call, match: re.Match[str]) -> web.StreamResponse:
+async def mounts(call: Call, match: re.Match[str]) -> Reply:
     _root(call)
     out = [
         {
@@ -78,28 +73,27 @@ async def mounts(call: Call, match: re.Match[str]) -> web.StreamResponse:
         }
         for m in call.service.store.readable
     ]
-    body = json.dumps(out, separators=(",", ":")) + "\n"
-    return web.Response(status=200, body=body.encode(), content_type="application/json")
+    return json_reply(json.dumps(out, separators=(",", ":")) + "\n")
 
 
-async def touch(call: Call, match: re.Match[str]) -> web.StreamResponse:
+async def touch(call: Call, match: re.Match[str]) -> Reply:
     _root(call)
     await call.service.store.touch(parse_locator(match["loc"]).hash)
-    return web.Response(status=200)
+    return Reply(200)
 
 
-async def trash(call: Call, match: re.Match[str]) -> web.StreamResponse:
+async def trash(call: Call, match: re.Match[str]) -> Reply:
     _root(call)
     if not call.service.config.blob_trash:
         raise MethodNotAllowed()
     await call.service.store.trash(parse_locator(match["loc"]).hash)
-    return web.Response(status=200)
+    return Reply(200)
 
 
-async def untrash(call: Call, match: re.Match[str]) -> web.StreamResponse:
+async def untrash(call: Call, match: re.Match[str]) -> Reply:
     _root(call)
     await call.service.store.untrash(parse_locator(match["loc"]).hash)
-    return web.Response(status=200)
+    return Reply(200)
 
 
 LIST_BODY_LIMIT = 64 << 20  # a 100,000-item pull list (keep-balance's default cap) is about 20 MB
@@ -112,7 +106,7 @@ async def _read_list(call: Call) -> bytes:
     chunks: list[bytes] = []
     total = 0
     try:
-        while chunk := await call.request.content.readany():
+        while chunk := await call.aiohttp_request.content.readany():
             total += len(chunk)
             if total > LIST_BODY_LIMIT:
                 raise TooLarge()
@@ -122,17 +116,17 @@ async def _read_list(call: Call) -> bytes:
     return b"".join(chunks)
 
 
-async def pull_list(call: Call, match: re.Match[str]) -> web.StreamResponse:
+async def pull_list(call: Call, match: re.Match[str]) -> Reply:
     """Replace the pull queue with a validated list (SPEC §2.11, difference 6)."""
     _root(call)
     n = await call.service.accept_list("pull", await _read_list(call))
     log.info("pull list received", extra={"fields": {"RequestID": call.request_id, "items": n}})
-    return web.Response(status=200)
+    return Reply(200)
 
 
-async def trash_list(call: Call, match: re.Match[str]) -> web.StreamResponse:
+async def trash_list(call: Call, match: re.Match[str]) -> Reply:
     """Replace the trash queue with a validated list (SPEC §2.12, difference 6)."""
     _root(call)
     n = await call.service.accept_list("trash", await _read_list(call))
     log.info("trash list received", extra={"fields": {"RequestID": call.request_id, "items": n}})
-    return web.Response(status=200)
+    return Reply(200)

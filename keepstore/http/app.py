@@ -1,10 +1,15 @@
 """Request pipeline and routing (SPEC §1.1, §2.1).
 
-One aiohttp low-level handler does, in order: request id, "request" log line, operational endpoints (health,
-metrics, status: outside the limiter and without CORS headers), the request limiter, CORS headers, the route table,
-error mapping, "response" log line. Routes match the percent-decoded path like gorilla/mux does upstream, with path
-cleaning off: ``//<locator>`` is a GET alias and nothing is normalised, so ``/../x`` or ``/%2e%2e/x`` simply match no
-route (400). No handler ever builds a file path from anything but a validated 32-hex hash.
+One pipeline does, in order: request id, "request" log line, operational endpoints (health, metrics, status: outside
+the limiter and without CORS headers), the request limiter, CORS headers, the route table, error mapping, "response"
+log line. Routes match the percent-decoded path like gorilla/mux does upstream, with path cleaning off:
+``//<locator>`` is a GET alias and nothing is normalised, so ``/../x`` or ``/%2e%2e/x`` simply match no route (400).
+No handler ever builds a file path from anything but a validated 32-hex hash.
+
+Handlers never see the HTTP server's own request and response types: they read an :class:`Incoming` request and
+answer with a :class:`Reply` (a whole response) or stream through :class:`Call` (``start``, ``send``, ``sendfile``).
+An :class:`Exchange` puts that on the wire: :class:`AiohttpExchange` for requests that went through aiohttp's
+server, ``keepstore.http.fast.FastExchange`` for block reads taken straight off the connection (see that module).
 """
 
 from __future__ import annotations
@@ -13,18 +18,18 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-from urllib.parse import unquote
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 from aiohttp.web_request import BaseRequest
+from multidict import CIMultiDictProxy
 
 from ..errors import BadRoute, ClientGone, KeepError, Overloaded
 from ..logs import log_request, log_response, new_request_id, redact
 from .errors import status_of
-from .protocol import peer_of
 
 if TYPE_CHECKING:
     from ..service import Service
@@ -40,12 +45,94 @@ CORS_HEADERS = {
     "Access-Control-Max-Age": "86486400",
 }
 
+TEXT = "text/plain; charset=utf-8"
+OCTETS = "application/octet-stream"
 
-@dataclass
+
+class Incoming(Protocol):
+    """What handlers may read of a request (aiohttp's BaseRequest has it all; so does the fast path's request)."""
+
+    @property
+    def method(self) -> str: ...
+    @property
+    def raw_path(self) -> str: ...
+    @property
+    def headers(self) -> CIMultiDictProxy[str]: ...
+    @property
+    def host(self) -> str: ...
+    @property
+    def content_length(self) -> int | None: ...
+    @property
+    def cookies(self) -> Mapping[str, str]: ...
+    @property
+    def transport(self) -> asyncio.Transport | None: ...
+
+
+@dataclass(slots=True)
+class Reply:
+    """A whole response, known before anything is sent."""
+
+    status: int
+    body: bytes = b""
+    content_type: str | None = None
+    headers: dict[str, str] | None = None
+
+
+def text_reply(status: int, body: str) -> Reply:
+    return Reply(status, body.encode(), TEXT)
+
+
+def json_reply(body: str, status: int = 200) -> Reply:
+    return Reply(status, body.encode(), "application/json")
+
+
+def error_reply(exc: KeepError) -> Reply:
+    status = status_of(exc)
+    if isinstance(exc, (Overloaded, ClientGone)):
+        return Reply(status)
+    reply = text_reply(status, f"{exc}\n")
+    if isinstance(exc, BadRoute):
+        reply.headers = {"X-Content-Type-Options": "nosniff"}
+    return reply
+
+
+class Exchange(ABC):
+    """Puts one call's response on the wire."""
+
+    request: Incoming
+
+    @abstractmethod
+    async def reply(self, call: Call, reply: Reply) -> None:
+        """Send a whole response (status line, headers, body)."""
+
+    @abstractmethod
+    async def start(self, call: Call, status: int, content_type: str | None, length: int | None) -> None:
+        """Send the status line and headers of a response whose body follows (``length`` None: chunked)."""
+
+    @abstractmethod
+    async def send(self, data: bytes | memoryview) -> None:
+        """Send body bytes after ``start``; returns once the transport has taken them or copied them."""
+
+    @abstractmethod
+    async def end(self) -> None:
+        """Finish a started response."""
+
+    @abstractmethod
+    def cut_short(self) -> None:
+        """Abort the connection: a started response cannot be completed."""
+
+
+Handler = Callable[["Call", "re.Match[str]"], Awaitable[Reply | None]]
+
+
+@dataclass(slots=True)
 class Call:
-    """One request in flight: what handlers need beside the aiohttp request."""
+    """One request in flight: what handlers need beside the request itself.
 
-    request: BaseRequest
+    A handler returns a Reply, or streams its response with ``start`` / ``send`` / ``sendfile`` and returns None.
+    """
+
+    exchange: Exchange
     service: Service
     request_id: str
     started: float
@@ -53,46 +140,114 @@ class Call:
     status_time: float | None = None
     fields: dict[str, object] = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)  # set on whatever response goes out, errors included
-    sent: int = 0  # body bytes written to a streamed response
-    response: web.StreamResponse | None = None  # set once a response has started (headers sent)
+    status: int = 0  # of the response, once it has started
+    sent: int = 0  # body bytes sent
+    error_body: bytes = b""  # the body of an error reply, for the log
     log_shared: str = ""  # the request fields, encoded once for both log lines
 
-    def decorate(self, resp: web.StreamResponse) -> None:
-        resp.headers["X-Request-Id"] = self.request_id
+    @property
+    def request(self) -> Incoming:
+        return self.exchange.request
+
+    @property
+    def aiohttp_request(self) -> BaseRequest:
+        """The aiohttp request, for handlers that read a body (only requests through aiohttp's server have one)."""
+        request = self.exchange.request
+        assert isinstance(request, BaseRequest), "a request with a body always goes through aiohttp"
+        return request
+
+    @property
+    def responded(self) -> bool:
+        """Whether the status line is out (an error can no longer become a status)."""
+        return self.status_time is not None
+
+    def response_headers(self) -> dict[str, str]:
+        out = {"X-Request-Id": self.request_id}
         if self.cors:
-            resp.headers.update(CORS_HEADERS)
-        resp.headers.update(self.headers)
+            out.update(CORS_HEADERS)
+        out.update(self.headers)
+        return out
 
-    async def prepare(self, resp: web.StreamResponse) -> None:
-        """Start a streamed response (headers go out now)."""
-        self.decorate(resp)
+    def _started(self, status: int) -> None:
         self.status_time = time.monotonic()
-        self.response = resp
-        await resp.prepare(self.request)
+        self.status = status
 
-    async def write(self, resp: web.StreamResponse, data: bytes | memoryview) -> None:
-        await resp.write(data)
+    async def reply(self, reply: Reply) -> None:
+        self._started(reply.status)
+        if reply.status >= 400:
+            self.error_body = reply.body
+        await self.exchange.reply(self, reply)
+        self.sent += len(reply.body)
+
+    async def start(self, length: int | None, content_type: str | None = OCTETS, status: int = 200) -> None:
+        self._started(status)
+        await self.exchange.start(self, status, content_type, length)
+
+    async def send(self, data: bytes | memoryview) -> None:
+        await self.exchange.send(data)
         self.sent += len(data)
 
+    async def sendfile(self, fd: int, size: int) -> None:
+        """Send ``size`` bytes of an open file with sendfile(2), after ``start``: Python touches none of them."""
+        transport = self.request.transport
+        if transport is None:
+            raise ConnectionResetError("Connection lost")
+        with open(fd, "rb", buffering=0, closefd=False) as f:
+            self.sent += await asyncio.get_running_loop().sendfile(transport, f, 0, size)
 
-Handler = Callable[[Call, "re.Match[str]"], Awaitable[web.StreamResponse]]
+    async def end(self) -> None:
+        await self.exchange.end()
+
+
+class AiohttpExchange(Exchange):
+    """Responses through aiohttp's server: ``response`` is what the aiohttp handler returns."""
+
+    def __init__(self, request: BaseRequest) -> None:
+        self.request = request
+        self._request = request
+        self.response: web.StreamResponse | None = None
+
+    def _decorated(self, call: Call, resp: web.StreamResponse, content_type: str | None) -> web.StreamResponse:
+        resp.headers.update(call.response_headers())
+        if content_type is not None:
+            resp.headers["Content-Type"] = content_type
+        return resp
+
+    def unsent(self, call: Call, reply: Reply) -> web.Response:
+        """The reply as a response aiohttp will send (when handing back to aiohttp is all that is left)."""
+        resp = web.Response(status=reply.status, body=reply.body)
+        if reply.headers:
+            resp.headers.update(reply.headers)
+        self._decorated(call, resp, reply.content_type)
+        return resp
+
+    async def reply(self, call: Call, reply: Reply) -> None:
+        resp = self.unsent(call, reply)
+        self.response = resp
+        await resp.prepare(self._request)
+        await resp.write_eof()
+
+    async def start(self, call: Call, status: int, content_type: str | None, length: int | None) -> None:
+        resp = self._decorated(call, web.StreamResponse(status=status), content_type)
+        if length is not None:
+            resp.content_length = length
+        self.response = resp
+        await resp.prepare(self._request)
+
+    async def send(self, data: bytes | memoryview) -> None:
+        assert self.response is not None
+        await self.response.write(data)
+
+    async def end(self) -> None:
+        assert self.response is not None
+        await self.response.write_eof()
+
+    def cut_short(self) -> None:
+        if self._request.transport is not None:
+            self._request.transport.abort()
+
 
 _LOC = r"(?P<loc>[0-9a-f]{32}.*)"
-
-
-def text_response(status: int, body: str) -> web.Response:
-    resp = web.Response(status=status, body=body.encode(), content_type="text/plain", charset="utf-8")
-    return resp
-
-
-def error_response(exc: KeepError) -> web.Response:
-    status = status_of(exc)
-    if isinstance(exc, (Overloaded, ClientGone)):
-        return web.Response(status=status)
-    resp = text_response(status, f"{exc}\n")
-    if isinstance(exc, BadRoute):
-        resp.headers["X-Content-Type-Options"] = "nosniff"
-    return resp
 
 
 class Router:
@@ -114,7 +269,7 @@ class Router:
 
 
 class KeepHTTP:
-    """The request pipeline. ``handle`` is what the aiohttp server calls."""
+    """The request pipeline: ``handle`` is what aiohttp's server calls, ``serve`` what the fast path calls."""
 
     def __init__(self, service: Service) -> None:
         from . import admin, blocks, ops
@@ -138,75 +293,89 @@ class KeepHTTP:
         r.add("OPTIONS", r"/.*", blocks.options)
         self.router = r
         self.in_flight: dict[int, Call] = {}
+        self.fast_served = 0  # requests served by keepstore.http.fast
+
+    async def serve_fast(self, exchange: Exchange) -> Call:
+        """``serve`` for a request taken off the connection by the fast path (counted for /metrics)."""
+        self.fast_served += 1
+        return await self.serve(exchange)
 
     async def handle(self, request: BaseRequest) -> web.StreamResponse:
+        exchange = AiohttpExchange(request)
+        call = await self.serve(exchange)
+        if exchange.response is None:  # the pipeline left the (error) reply for aiohttp to send
+            exchange.response = exchange.unsent(call, text_reply(500, "internal error\n"))
+        return exchange.response
+
+    async def serve(self, exchange: Exchange) -> Call:
+        """Run one request through the pipeline and send its response."""
+        request = exchange.request
         request_id = request.headers.get("X-Request-Id") or new_request_id()
-        call = Call(request=request, service=self.service, request_id=request_id, started=time.monotonic())
+        call = Call(exchange=exchange, service=self.service, request_id=request_id, started=time.monotonic())
         self.in_flight[id(call)] = call
-        path = unquote(request.raw_path.partition("?")[0])
+        path = _unquote(request.raw_path.partition("?")[0])
         self._log_request(call)
-        resp: web.StreamResponse | None = None
         status = 0
         try:
             op = self.ops.get(path)
             if op is not None:
-                resp = await op(call, _EMPTY_MATCH)
+                reply = await op(call, _EMPTY_MATCH)
             else:
                 call.cors = True
-                resp = await self._routed(call, path)
-            if not resp.prepared:
-                await call.prepare(resp)
-            await resp.write_eof()
-            status = resp.status
-            return resp
+                reply = await self._routed(call, path)
+            if reply is not None:
+                await call.reply(reply)
+            else:
+                await call.end()
+            status = call.status
+            return call
         except asyncio.CancelledError:
             status = 499  # the client went away (or we are shutting down) mid-request
             raise
         except Exception as exc:
-            started = call.response
-            if started is not None:
+            if call.responded:
                 # The status line and headers are out: a second response would land inside the body. All that is
                 # left is to cut the body short (the client sees fewer bytes than Content-Length, or no final
                 # chunk) and close the connection.
                 if not isinstance(exc, (ConnectionError, KeepError)):
                     log.exception("error while sending a response", extra={"fields": {"RequestID": call.request_id}})
                 call.fields["error"] = redact(f"response cut short: {exc}")
-                if call.request.transport is not None:
-                    call.request.transport.abort()
-                resp, status = started, (started.status if not isinstance(exc, ConnectionError) else 499)
-                return resp
+                exchange.cut_short()
+                status = call.status if not isinstance(exc, ConnectionError) else 499
+                return call
             if isinstance(exc, ConnectionResetError):
                 status = 499  # the client went away before anything was sent
                 raise
             # A bug: say so in the log with the request id, answer 500.
             log.exception("unhandled error", extra={"fields": {"RequestID": call.request_id}})
             status = 500
-            resp = text_response(500, "internal error\n")
-            call.decorate(resp)
-            return resp
+            try:
+                await call.reply(text_reply(500, "internal error\n"))
+            except Exception:
+                exchange.cut_short()
+            return call
         finally:
             del self.in_flight[id(call)]
-            self._log_response(call, resp, status)
+            self._log_response(call, status)
 
-    async def _routed(self, call: Call, path: str) -> web.StreamResponse:
+    async def _routed(self, call: Call, path: str) -> Reply | None:
         try:
             handler, match = self.router.match(call.request.method, path)
             limiter = self.service.limiter
-            await limiter.acquire(limiter.priority(call.request))
+            await limiter.acquire(limiter.priority(call.request.headers))
             try:
                 return await self._timed(handler, call, match)
             finally:
                 limiter.release()
         except KeepError as exc:
-            if call.response is not None:
-                raise  # too late for an error status: handle() cuts the response short
+            if call.responded:
+                raise  # too late for an error status: serve() cuts the response short
             if isinstance(exc, Overloaded):
                 call.cors = False  # the limiter sits outside the CORS layer upstream
-            resp = error_response(exc)
             call.fields["error"] = redact(str(exc))
-            return resp
+            return error_reply(exc)
 
-    async def _timed(self, handler: Handler, call: Call, match: re.Match[str]) -> web.StreamResponse:
+    async def _timed(self, handler: Handler, call: Call, match: re.Match[str]) -> Reply | None:
         timeout = self.service.config.request_timeout
         if timeout <= 0 or getattr(handler, "no_deadline", False):
             return await handler(call, match)
@@ -224,7 +393,7 @@ class KeepHTTP:
         path, _, query = req.raw_path.partition("?")
         call.fields = {
             "RequestID": call.request_id,
-            "remoteAddr": peer_of(req),
+            "remoteAddr": peer_of(req.transport),
             "reqForwardedFor": req.headers.get("X-Forwarded-For", ""),
             "reqMethod": req.method,
             "reqHost": req.host,
@@ -234,34 +403,42 @@ class KeepHTTP:
         }
         call.log_shared = log_request(call.fields)
 
-    def _log_response(self, call: Call, resp: web.StreamResponse | None, status: int) -> None:
+    def _log_response(self, call: Call, status: int) -> None:
         now = time.monotonic()
-        status = status or (resp.status if resp is not None else 0)
+        status = status or call.status
         to_status = (call.status_time or now) - call.started
         fields: dict[str, object] = {
             "respStatusCode": status,
-            "respStatus": _REASONS.get(status, ""),
-            "respBytes": _body_bytes(call, resp),
+            "respStatus": REASONS.get(status, ""),
+            "respBytes": call.sent,
             "timeTotal": round(now - call.started, 6),
             "timeToStatus": round(to_status, 6),
             "timeWriteBody": round(now - call.started - to_status, 6),
         }
-        if status >= 400 and isinstance(resp, web.Response) and resp.body is not None:
-            body = resp.body if isinstance(resp.body, bytes) else b""
-            fields["respBody"] = redact(body[:512].decode("utf-8", "replace"))
+        if status >= 400 and call.error_body:
+            fields["respBody"] = redact(call.error_body[:512].decode("utf-8", "replace"))
         log_response(call.fields, call.log_shared, fields)
         self.service.metrics.observe(call.request.method, status, now - call.started, to_status)
 
 
-def _body_bytes(call: Call, resp: web.StreamResponse | None) -> int:
-    if isinstance(resp, web.Response):
-        return len(resp.body) if isinstance(resp.body, bytes) else 0
-    return call.sent
+def peer_of(transport: Any) -> str:
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return ""
+
+
+def _unquote(path: str) -> str:
+    if "%" not in path:
+        return path  # nearly every path: skip the decoder
+    from urllib.parse import unquote
+
+    return unquote(path)
 
 
 _EMPTY_MATCH: re.Match[str] = re.match("", "")  # type: ignore[assignment]  # always matches
 
-_REASONS = {
+REASONS = {
     200: "OK",
     400: "Bad Request",
     401: "Unauthorized",

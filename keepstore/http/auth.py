@@ -5,14 +5,16 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
-
-from aiohttp.web_request import BaseRequest
 
 from ..errors import Forbidden, Unauthorized
 
+if TYPE_CHECKING:
+    from .app import Incoming
 
-def request_tokens(request: BaseRequest) -> list[str]:
+
+def request_tokens(request: Incoming) -> list[str]:
     """All tokens the request presents, in Arvados' order: Authorization (Bearer/OAuth2), Basic password,
     ``api_token`` query parameters, ``arvados_api_token`` cookie (base64url)."""
     tokens: list[str] = []
@@ -47,7 +49,7 @@ def same_token(given: str, expected: str) -> bool:
     return hmac.compare_digest(given.encode(), expected.encode())
 
 
-def require_root(request: BaseRequest, root_token: str) -> None:
+def require_root(request: Incoming, root_token: str) -> None:
     """Admin routes: 401 with no token, 403 unless some token equals the root token.
 
     Deliberate difference 8: with an empty SystemRootToken the admin routes are closed (403), not open.

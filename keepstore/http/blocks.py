@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import re
 
-from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
@@ -32,7 +31,7 @@ from ..errors import (
 )
 from ..locator import BLOCK_SIZE, EMPTY_BLOCK_HASH, parse_locator
 from ..store import BlockData
-from .app import Call, text_response
+from .app import OCTETS, Call, Reply, text_reply
 from .auth import request_tokens
 
 SEND_CHUNK = 1 << 20
@@ -40,7 +39,7 @@ SMALL_BODY = 64 * 1024
 STREAM_MIN = 4 * 1024 * 1024  # PUT bodies from this size on are written to disk as they arrive
 
 
-async def read(call: Call, match: re.Match[str]) -> web.StreamResponse:
+async def read(call: Call, match: re.Match[str]) -> Reply | None:
     svc = call.service
     request = call.request
     head = request.method == "HEAD"
@@ -68,43 +67,27 @@ async def read(call: Call, match: re.Match[str]) -> web.StreamResponse:
         in_buffer = block.file is None or size <= SMALL_BODY
         if in_buffer and not head and size <= SMALL_BODY:
             # One write for headers and body; the copy is cheaper than a second send.
-            small = web.Response(status=200, body=bytes(buf.view[:size]))
-            small.content_type = "application/octet-stream"
-            return small
-        resp = web.StreamResponse(status=200)
-        resp.content_type = "application/octet-stream"
-        resp.content_length = size
-        await call.prepare(resp)
+            return Reply(200, bytes(buf.view[:size]), OCTETS)
+        await call.start(size)
         if head:
             pass
         elif block.file is not None:
-            await _sendfile(call, block.file.fileno(), size)
+            await call.sendfile(block.file.fileno(), size)  # the very file that was verified
         else:
             for pos in range(0, size, SEND_CHUNK):
                 # The default event loop's transport copies what it cannot send at once, so the buffer may be
                 # reused as soon as the last write returns.
-                await call.write(resp, buf.view[pos : min(size, pos + SEND_CHUNK)])
-        await resp.write_eof()
+                await call.send(buf.view[pos : min(size, pos + SEND_CHUNK)])
+        return None
     finally:
         if block is not None:
             block.close()
         svc.pool.release(buf)
-    return resp
 
 
-async def _sendfile(call: Call, fd: int, size: int) -> None:
-    """Send a verified local file with sendfile(2): the kernel copies from the page cache, Python touches nothing."""
-    transport = call.request.transport
-    if transport is None:
-        raise ConnectionResetError("Connection lost")
-    with open(fd, "rb", buffering=0, closefd=False) as f:
-        sent = await asyncio.get_running_loop().sendfile(transport, f, 0, size)
-    call.sent += sent
-
-
-async def write(call: Call, match: re.Match[str]) -> web.StreamResponse:
+async def write(call: Call, match: re.Match[str]) -> Reply:
     svc = call.service
-    request = call.request
+    request = call.aiohttp_request
     declared = request.content_length
     if declared is not None and declared > BLOCK_SIZE:
         # Deliberate difference 1: refuse before reading the body. aiohttp then discards what the client still
@@ -146,23 +129,25 @@ async def write(call: Call, match: re.Match[str]) -> web.StreamResponse:
     locator = f"{computed}+{size}"
     if tokens and svc.signer is not None:
         locator = svc.signer.sign(locator, tokens[0])
-    resp = text_response(200, locator + "\n")
-    resp.headers["X-Keep-Replicas-Stored"] = str(result.replicas)
-    # Deliberate difference 7: classes sorted by name (upstream: Go map order).
-    resp.headers["X-Keep-Storage-Classes-Confirmed"] = ", ".join(f"{c}={n}" for c, n in sorted(result.classes.items()))
-    return resp
+    reply = text_reply(200, locator + "\n")
+    reply.headers = {
+        "X-Keep-Replicas-Stored": str(result.replicas),
+        # Deliberate difference 7: classes sorted by name (upstream: Go map order).
+        "X-Keep-Storage-Classes-Confirmed": ", ".join(f"{c}={n}" for c, n in sorted(result.classes.items())),
+    }
+    return reply
 
 
 async def _receive(call: Call, view: memoryview, pipe: WriterPipe | None, declared: int | None) -> Body:
     """Read the request body into ``view`` while hashing it (and writing it, with a pipe)."""
     try:
-        return await receive(call.request.content, view, writer=pipe, size_hint=declared)
+        return await receive(call.aiohttp_request.content, view, writer=pipe, size_hint=declared)
     except (ConnectionError, asyncio.IncompleteReadError) as exc:
         raise ClientGone(str(exc)) from exc
     except (RequestPayloadError, HttpProcessingError) as exc:
-        call.request.protocol.force_close()
+        call.aiohttp_request.protocol.force_close()
         raise BadRequestBody(f"invalid request body: {exc}") from exc
 
 
-async def options(call: Call, match: re.Match[str]) -> web.StreamResponse:
-    return web.Response(status=200)
+async def options(call: Call, match: re.Match[str]) -> Reply:
+    return Reply(200)

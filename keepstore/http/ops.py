@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import re
 
-from aiohttp import web
-
 from .. import __version__
 from ..errors import Forbidden, Unauthorized
-from .app import Call, Handler, error_response, text_response
+from .app import Call, Handler, Reply, error_reply, json_reply, text_reply
 from .auth import request_tokens, same_token
 
 
@@ -23,66 +21,64 @@ def routes() -> dict[str, Handler]:
     }
 
 
-def _bearer_ok(call: Call) -> web.StreamResponse | None:
+def _bearer_ok(call: Call) -> Reply | None:
     """The exact ``Authorization: Bearer <ManagementToken>`` check of /_health/ping and /_inspect."""
     token = call.service.config.management_token
     if not token:
-        return text_response(404, "disabled\n")
+        return text_reply(404, "disabled\n")
     header = call.request.headers.get("Authorization")
     if header is None:
-        return text_response(401, "authorization required\n")
+        return text_reply(401, "authorization required\n")
     if not same_token(header, "Bearer " + token):
-        return text_response(403, "authorization error\n")
+        return text_reply(403, "authorization error\n")
     return None
 
 
-def _management_token_ok(call: Call) -> web.StreamResponse | None:
+def _management_token_ok(call: Call) -> Reply | None:
     """RequireLiteralToken(ManagementToken): any token form; open when no ManagementToken is configured."""
     token = call.service.config.management_token
     if not token:
         return None
     tokens = request_tokens(call.request)
     if not tokens:
-        return error_response(Unauthorized())
+        return error_reply(Unauthorized())
     if not any(same_token(t, token) for t in tokens):
-        return error_response(Forbidden())
+        return error_reply(Forbidden())
     return None
 
 
-async def health(call: Call, match: re.Match[str]) -> web.StreamResponse:
+async def health(call: Call, match: re.Match[str]) -> Reply:
     if call.request.method != "GET":
-        return text_response(405, "Method Not Allowed\n")
+        return text_reply(405, "Method Not Allowed\n")
     denied = _bearer_ok(call)
     if denied is not None:
         return denied
-    return web.Response(status=200, body=b'{"health":"OK"}\n', content_type="application/json")
+    return json_reply('{"health":"OK"}\n')
 
 
-async def metrics(call: Call, match: re.Match[str]) -> web.StreamResponse:
+async def metrics(call: Call, match: re.Match[str]) -> Reply:
     if call.request.method not in ("GET", "HEAD"):
-        return text_response(405, "Method Not Allowed\n")
+        return text_reply(405, "Method Not Allowed\n")
     denied = _management_token_ok(call)
     if denied is not None:
         return denied
     body = call.service.metrics.text(await call.service.state()).encode()
-    resp = web.Response(status=200, body=body)
-    resp.headers["Content-Type"] = "text/plain; version=0.0.4; charset=utf-8"
-    return resp
+    return Reply(200, body, "text/plain; version=0.0.4; charset=utf-8")
 
 
-async def metrics_json(call: Call, match: re.Match[str]) -> web.StreamResponse:
+async def metrics_json(call: Call, match: re.Match[str]) -> Reply:
     if call.request.method not in ("GET", "HEAD"):
-        return text_response(405, "Method Not Allowed\n")
+        return text_reply(405, "Method Not Allowed\n")
     denied = _management_token_ok(call)
     if denied is not None:
         return denied
     return _json(call.service.metrics.json(await call.service.state()))
 
 
-async def status_json(call: Call, match: re.Match[str]) -> web.StreamResponse:
+async def status_json(call: Call, match: re.Match[str]) -> Reply:
     """Deliberate difference 5: the 2.x status document, behind the ManagementToken like /metrics."""
     if call.request.method not in ("GET", "HEAD"):
-        return text_response(405, "Method Not Allowed\n")
+        return text_reply(405, "Method Not Allowed\n")
     denied = _management_token_ok(call)
     if denied is not None:
         return denied
@@ -129,14 +125,14 @@ async def status_json(call: Call, match: re.Match[str]) -> web.StreamResponse:
     return _json(doc)
 
 
-async def inspect_requests(call: Call, match: re.Match[str]) -> web.StreamResponse:
+async def inspect_requests(call: Call, match: re.Match[str]) -> Reply:
     token = call.service.config.management_token
     header = call.request.headers.get("Authorization", "")
     if not token or not same_token(header, "Bearer " + token):
-        return web.Response(status=401, body=b'{"errors":["unauthorized"]}\n', content_type="application/json")
+        return json_reply('{"errors":["unauthorized"]}\n', status=401)
     out = sorted((await call.service.state())["inflight"], key=lambda d: float(d["Elapsed"]))
     return _json(out)
 
 
-def _json(doc: object) -> web.Response:
-    return web.Response(status=200, body=(json.dumps(doc) + "\n").encode(), content_type="application/json")
+def _json(doc: object) -> Reply:
+    return json_reply(json.dumps(doc) + "\n")

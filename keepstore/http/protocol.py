@@ -8,17 +8,40 @@ So each connection starts on the C parser. When llhttp rejects a request's metho
 with one of our extension methods at a request boundary, that connection switches to the Python parser, which parses
 the same bytes again. Only connections that actually send ``TOUCH`` (an admin operation, rare) pay for the slower
 parser; GET and PUT traffic never does. ``bench/parser.py`` measures both paths.
+
+The same connection handler also takes simple block reads past aiohttp's request machinery (keepstore.http.fast):
+it parses as aiohttp does and, for a request that qualifies, runs the pipeline itself instead of queueing the
+message for aiohttp's per-connection loop. Ordering is kept: a request is taken this way only while that loop is idle
+with nothing queued, and anything that arrives meanwhile is queued for the loop, which is woken when the fast
+request is done. This relies on aiohttp's RequestHandler internals (pinned in requirements.lock); if they are not
+what this module expects, the fast path turns itself off with a warning and aiohttp serves everything.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMethod
-from aiohttp.http_parser import HttpRequestParserPy
-from aiohttp.web_protocol import RequestHandler, RequestPayloadError
-from aiohttp.web_request import BaseRequest
+from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError
+from aiohttp.http_parser import HttpRequestParserPy, RawRequestMessage
+from aiohttp.streams import EMPTY_PAYLOAD
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
+
+from .fast import FastExchange, qualifies
+
+log = logging.getLogger("keepstore.http")
+
+FastServe = Callable[[FastExchange], Awaitable[object]]
+
+# What the fast path touches of aiohttp's RequestHandler (checked on the first connection).
+_INTERNALS = (
+    "_messages _waiter _force_close _close _payload_parser _upgraded _request_count _parser _keepalive_handle "
+    "_keepalive_timeout _next_keepalive_close_time _max_msg_queue_size _buffer_paused _message_tail _loop"
+).split()
+_METHODS = ("_pause_reading_for_buffer", "_process_keepalive", "_drain_helper")
 
 EXTENSION_METHODS = (b"TOUCH ",)
 
@@ -69,6 +92,114 @@ class KeepRequestHandler(RequestHandler):
             )
 
         self._parser = _FallbackParser(self, primary, make_fallback)  # type: ignore[assignment]
+        self._fast_serve: FastServe | None = getattr(manager, "fast", None) if _fast_path_usable(self) else None
+        self._fast_task: asyncio.Task[None] | None = None
+
+    # --- the fast path (keepstore.http.fast) ---------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        serve = self._fast_serve
+        if (
+            serve is None
+            or self._parser is None
+            or self._force_close
+            or self._close
+            or self._payload_parser is not None
+            or self._upgraded
+        ):
+            super().data_received(data)
+            return
+        if self._fast_task is not None:
+            self._queue(*self._parse(data), wake=False)  # behind the fast request, in order
+            return
+        waiter = self._waiter
+        if self._messages or waiter is None or waiter.done():
+            super().data_received(data)  # aiohttp's loop is busy: this request is ordered behind its work
+            return
+        messages, upgraded, tail = self._parse(data)
+        if len(messages) == 1 and not upgraded:
+            message, payload = messages[0]
+            if isinstance(message, RawRequestMessage) and payload is EMPTY_PAYLOAD and qualifies(message):
+                self._request_count += 1
+                self._parser.message_consumed()
+                self._start_fast(serve, message)
+                return
+        self._queue(messages, upgraded, tail, wake=True)
+
+    def _parse(self, data: bytes) -> tuple[list[Any], bool, bytes]:
+        assert self._parser is not None
+        try:
+            messages, upgraded, tail = self._parser.feed_data(data)
+        except HttpProcessingError as exc:  # as aiohttp does: its loop answers 400
+            return [(_ErrInfo(status=400, exc=exc, message=exc.message), EMPTY_PAYLOAD)], False, b""
+        return list(messages), upgraded, tail
+
+    def _queue(self, messages: list[Any], upgraded: bool, tail: bytes, wake: bool) -> None:
+        """What aiohttp's data_received does with parsed messages; ``wake`` False keeps its loop parked."""
+        for message in messages:
+            self._request_count += 1
+            self._messages.append(message)
+        waiter = self._waiter
+        if wake and messages and waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        if not self._buffer_paused and len(self._messages) >= self._max_msg_queue_size:
+            self._pause_reading_for_buffer()
+        self._upgraded = upgraded
+        if upgraded and tail:
+            self._message_tail = tail
+
+    def _start_fast(self, serve: FastServe, message: RawRequestMessage) -> None:
+        if self._keepalive_handle is not None:
+            self._keepalive_handle.cancel()  # not idle: no keep-alive timeout while the request runs
+            self._keepalive_handle = None
+        self._fast_task = self._loop.create_task(self._run_fast(serve, FastExchange(self, message)))
+
+    async def _run_fast(self, serve: FastServe, exchange: FastExchange) -> None:
+        failed = False
+        try:
+            await serve(exchange)
+        except asyncio.CancelledError:
+            failed = True  # connection lost or shutting down: the pipeline logged it
+        except ConnectionError:
+            failed = True
+        except Exception:
+            log.exception("unhandled error on the fast path")
+            failed = True
+        finally:
+            self._fast_task = None
+        if failed:
+            self.force_close()
+            return
+        if self._force_close or self._close or self.transport is None:
+            return
+        loop = self._loop
+        if self._keepalive_timeout > 0:
+            close_time = loop.time() + self._keepalive_timeout
+            self._next_keepalive_close_time = close_time
+            if self._keepalive_handle is None:
+                self._keepalive_handle = loop.call_at(close_time, self._process_keepalive)
+        waiter = self._waiter
+        if self._messages and waiter is not None and not waiter.done():
+            waiter.set_result(None)  # what arrived meanwhile goes to aiohttp's loop, in order
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        task = self._fast_task
+        super().connection_lost(exc)
+        if task is not None:
+            task.cancel()
+
+    async def shutdown(self, timeout: float | None = 15.0) -> None:
+        task = self._fast_task
+        if task is not None:
+            self._force_close = True  # take nothing more on this connection
+            try:
+                async with asyncio.timeout(timeout):
+                    await asyncio.shield(task)
+            except TimeoutError:
+                task.cancel()
+            except Exception:
+                pass  # _run_fast reports its own failures
+        await super().shutdown(timeout)
 
     def at_request_boundary(self) -> bool:
         """True when no request is partly received: queued requests are complete and the current body is read."""
@@ -79,14 +210,26 @@ class KeepRequestHandler(RequestHandler):
 
 
 class KeepServer(web.Server):
-    """``web.Server`` whose connections use :class:`KeepRequestHandler`."""
+    """``web.Server`` whose connections use :class:`KeepRequestHandler`; ``fast`` serves the fast path."""
+
+    def __init__(self, handler: Any, *, fast: FastServe | None = None, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.fast = fast
 
     def __call__(self) -> RequestHandler:
         return KeepRequestHandler(self, loop=self._loop, **self._kwargs)
 
 
-def peer_of(request: BaseRequest) -> str:
-    peer = request.transport.get_extra_info("peername") if request.transport else None
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        return f"{peer[0]}:{peer[1]}"
-    return ""
+_usable: bool | None = None
+
+
+def _fast_path_usable(handler: RequestHandler) -> bool:
+    global _usable
+    if _usable is None:
+        missing = [a for a in _INTERNALS if not hasattr(handler, a)] + [m for m in _METHODS if not hasattr(handler, m)]
+        _usable = not missing
+        if missing:
+            log.warning(
+                "aiohttp internals changed: fast path for block reads disabled", extra={"fields": {"missing": missing}}
+            )
+    return _usable

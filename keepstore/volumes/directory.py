@@ -392,9 +392,10 @@ class DirectoryVolume(Volume):
         try:
             os.setxattr(fd, CHECKPOINT_XATTR, checkpoints.encode())
         except OSError as exc:
-            if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.EACCES):
-                self._xattrs = False  # not on this file system (or not for us): stop trying
-            # ENOSPC and other errors: this block goes without; the write itself decides its own fate
+            if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                self._xattrs = False  # this file system has no user xattrs: stop trying (reads too)
+            # EPERM/EACCES (a file someone else owns), ENOSPC, ...: this block goes without; the write itself, if
+            # this is one, decides its own fate
 
     def _get_checkpoints(self, fd: int, size: int) -> Checkpoints | None:
         if not self._xattrs or size < PARALLEL_MIN:

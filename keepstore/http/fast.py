@@ -1,0 +1,173 @@
+"""Block reads taken straight off the connection, past aiohttp's request machinery.
+
+A 4 KiB GET costs aiohttp ~100 us of Python before and after the handler (a request object, a handler task, a
+response object and its header serialisation): as much as everything keepstore itself does for the request, and the
+reason small GETs were stuck at a fifth of nginx's rate. So the connection handler
+(:class:`keepstore.http.protocol.KeepRequestHandler`) still parses every request with aiohttp's parser (llhttp),
+but hands a request that is
+
+* ``GET`` or ``HEAD`` of a path that can only route to a block read (``/<32 hex>...`` or ``//<32 hex>...``),
+* HTTP/1.1 with keep-alive, without a body, and not pipelined behind anything unfinished,
+
+to :meth:`keepstore.http.app.KeepHTTP.serve` with a :class:`FastExchange` instead of building aiohttp's objects.
+It is the same pipeline (request id, log lines, limiter, CORS, signature check, verification, error table, metrics,
+``/_inspect/requests``, RequestTimeout); only the bytes on the wire are written here. Everything else (PUT, admin,
+ops, bodies, ``Connection: close``, HTTP/1.0, pipelined bursts) goes through aiohttp exactly as before.
+``bench/http_bench.py`` and the functional tests exercise both paths.
+
+The response matches what aiohttp would send for the same reply: the same status line, ``Content-Type``,
+``Content-Length``, ``Date`` and ``Server`` headers, then the pipeline's own headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from http import HTTPStatus
+from types import MappingProxyType
+from typing import TYPE_CHECKING
+
+from aiohttp.helpers import rfc822_formatted_time
+from aiohttp.http import SERVER_SOFTWARE
+from aiohttp.http_parser import RawRequestMessage
+from multidict import CIMultiDictProxy
+
+from .app import Call, Exchange, Reply
+
+if TYPE_CHECKING:
+    from .protocol import KeepRequestHandler
+
+_HEX = frozenset(b"0123456789abcdef")
+WRITE_HIGH_WATER = 1 << 20  # wait for the client to read when more than this is queued in the transport
+
+
+def qualifies(message: RawRequestMessage) -> bool:
+    """Whether a parsed request may take the fast path (see the module docstring)."""
+    if message.method not in ("GET", "HEAD") or message.should_close or message.upgrade or message.chunked:
+        return False
+    if message.version != (1, 1):
+        return False
+    path = message.path.encode("latin-1", "replace")
+    start = 2 if path.startswith(b"//") else 1
+    if len(path) < start + 32 or not _HEX.issuperset(path[start : start + 32]):
+        return False
+    length = message.headers.get("Content-Length")
+    return length is None or length == "0"
+
+
+class FastRequest:
+    """The :class:`keepstore.http.app.Incoming` view of a parsed request."""
+
+    __slots__ = ("_cookies", "headers", "method", "raw_path", "transport")
+
+    def __init__(self, message: RawRequestMessage, transport: asyncio.Transport | None) -> None:
+        self.method: str = message.method
+        self.raw_path: str = message.path
+        self.headers: CIMultiDictProxy[str] = message.headers
+        self.transport = transport
+        self._cookies: Mapping[str, str] | None = None
+
+    @property
+    def host(self) -> str:
+        host = self.headers.get("Host")
+        if host is not None:
+            return host
+        sockname = self.transport.get_extra_info("sockname") if self.transport is not None else None
+        if isinstance(sockname, tuple) and len(sockname) >= 2:
+            return f"{sockname[0]}:{sockname[1]}"
+        return ""
+
+    @property
+    def content_length(self) -> int | None:
+        return None  # qualifies() admits no body
+
+    @property
+    def cookies(self) -> Mapping[str, str]:
+        if self._cookies is None:
+            header = self.headers.get("Cookie")
+            if not header:
+                self._cookies = MappingProxyType({})
+            else:
+                from aiohttp._cookie_helpers import parse_cookie_header  # as aiohttp's own request does
+
+                self._cookies = MappingProxyType({name: m.value for name, m in parse_cookie_header(header)})
+        return self._cookies
+
+
+class FastExchange(Exchange):
+    """Writes a response straight to the connection's transport."""
+
+    def __init__(self, protocol: KeepRequestHandler, message: RawRequestMessage) -> None:
+        self.protocol = protocol
+        self.request = FastRequest(message, protocol.transport)
+        self._head_only = message.method == "HEAD"
+
+    async def reply(self, call: Call, reply: Reply) -> None:
+        body = b"" if self._head_only else reply.body
+        headers = call.response_headers()
+        if reply.headers:
+            headers.update(reply.headers)
+        self._write(_head(reply.status, reply.content_type, len(reply.body), headers) + body)
+        await self._drain()
+
+    async def start(self, call: Call, status: int, content_type: str | None, length: int | None) -> None:
+        if length is None:
+            raise ValueError("the fast path sends only responses of known length")
+        self._write(_head(status, content_type, length, call.response_headers()))
+
+    async def send(self, data: bytes | memoryview) -> None:
+        if self._head_only:
+            return
+        self._write(data)
+        await self._drain()
+
+    async def end(self) -> None:
+        pass  # Content-Length framing: nothing to send
+
+    def cut_short(self) -> None:
+        transport = self.protocol.transport
+        if transport is not None:
+            transport.abort()
+
+    def _write(self, data: bytes | memoryview) -> None:
+        transport = self.protocol.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("Connection lost")
+        transport.write(data)
+
+    async def _drain(self) -> None:
+        transport = self.protocol.transport
+        if transport is not None and transport.get_write_buffer_size() > WRITE_HIGH_WATER:
+            await self.protocol._drain_helper()
+
+
+_date = ("", 0)
+
+
+def _date_header() -> str:
+    global _date
+    now = int(time.time())
+    if _date[1] != now:
+        _date = (rfc822_formatted_time(), now)
+    return _date[0]
+
+
+def _reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase  # what aiohttp sends
+    except ValueError:
+        return ""
+
+
+def _head(status: int, content_type: str | None, length: int, headers: dict[str, str]) -> bytes:
+    lines = [f"HTTP/1.1 {status} {_reason(status)}\r\n"]
+    if content_type is not None:
+        lines.append(f"Content-Type: {content_type}\r\n")
+    lines.append(f"Content-Length: {length}\r\nDate: {_date_header()}\r\nServer: {SERVER_SOFTWARE}\r\n")
+    for name, value in headers.items():
+        if "\r" in value or "\n" in value:  # never from our own code; an echoed X-Request-Id passed llhttp already
+            value = value.replace("\r", " ").replace("\n", " ")
+        lines.append(f"{name}: {value}\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode("latin-1", "replace")

@@ -1,0 +1,308 @@
+"""Block reads on the fast path (keepstore.http.fast) against the same reads through aiohttp, over raw sockets.
+
+A keep-alive HTTP/1.1 GET or HEAD of a block path takes the fast path; ``Connection: close`` or HTTP/1.0 takes
+aiohttp's. Both must answer byte for byte alike (but for Date), keep the order of pipelined requests, and leave the
+connection usable for anything else.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+
+from keeptest import ROOT_TOKEN, USER_TOKEN, KeepServer, ServerFactory, md5, sign, wait_for
+
+CRLF = b"\r\n"
+
+
+class Conn:
+    """One client connection that sends raw requests and reads responses one at a time."""
+
+    def __init__(self, port: int, timeout: float = 20) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.buf = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(1 << 20)
+        if not chunk:
+            raise ConnectionError("server closed the connection")
+        self.buf += chunk
+
+    def response(self, head_request: bool = False) -> tuple[int, dict[str, str], bytes]:
+        while b"\r\n\r\n" not in self.buf:
+            self._fill()
+        head, _, self.buf = self.buf.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            assert name.title() not in headers, f"duplicate header {name}"
+            headers[name.title()] = value.strip()
+        if headers.get("Transfer-Encoding") == "chunked" and not head_request:
+            return status, headers, self._chunked()
+        length = 0 if head_request else int(headers.get("Content-Length", "0"))
+        while len(self.buf) < length:
+            self._fill()
+        body, self.buf = self.buf[:length], self.buf[length:]
+        return status, headers, body
+
+    def _chunked(self) -> bytes:
+        body = b""
+        while True:
+            while b"\r\n" not in self.buf:
+                self._fill()
+            size_line, _, self.buf = self.buf.partition(b"\r\n")
+            size = int(size_line.split(b";")[0], 16)
+            while len(self.buf) < size + 2:
+                self._fill()
+            body += self.buf[:size]
+            self.buf = self.buf[size + 2 :]
+            if size == 0:
+                return body
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def request(method: str, path: str, token: str | None = USER_TOKEN, close: bool = False, **headers: str) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1"]
+    if token is not None:
+        lines.append(f"Authorization: Bearer {token}")
+    if close:
+        lines.append("Connection: close")
+    lines += [f"{k.replace('_', '-')}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def put_request(data: bytes) -> bytes:
+    return request("PUT", f"/{md5(data)}", **{"Content_Length": str(len(data))}) + data
+
+
+def one(port: int, raw: bytes, head: bool = False) -> tuple[int, dict[str, str], bytes]:
+    c = Conn(port)
+    try:
+        c.send(raw)
+        return c.response(head)
+    finally:
+        c.close()
+
+
+def fast_count(srv: KeepServer) -> float:
+    for line in srv.metrics().splitlines():
+        if line.startswith("keepstorepy_fast_path_requests"):
+            return float(line.split()[-1])
+    raise AssertionError("no keepstorepy_fast_path_requests in /metrics")
+
+
+def comparable(headers: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in headers.items() if k not in ("Date", "Connection")}
+
+
+def test_fast_and_aiohttp_answer_alike(server: KeepServer) -> None:
+    data = os.urandom(3000)
+    big = os.urandom(300 * 1024)  # above the in-buffer size: streamed with sendfile after verification
+    loc = server.put(data).text.strip()
+    big_loc = server.put(big).text.strip()
+    h = md5(data)
+    cases = [
+        ("GET", f"/{loc}", USER_TOKEN),
+        ("GET", f"//{loc}", USER_TOKEN),
+        ("HEAD", f"/{loc}", USER_TOKEN),
+        ("GET", f"/{big_loc}", USER_TOKEN),
+        ("HEAD", f"/{big_loc}", USER_TOKEN),
+        ("GET", f"/{loc}", None),  # 401
+        ("GET", f"/{loc}", "another-token"),  # 400 invalid signature
+        ("GET", f"/{h}+{len(data)}", USER_TOKEN),  # 400 unsigned
+        ("GET", f"/{h}", USER_TOKEN),  # 405 no size hint
+        ("GET", f"/{h}g", USER_TOKEN),  # 400 invalid locator
+        ("GET", "/" + sign(f"{md5(b'absent')}+6"), USER_TOKEN),  # 404
+        ("HEAD", "/" + sign(f"{md5(b'absent')}+6"), USER_TOKEN),  # 404, no body
+        ("GET", f"/{loc}?api_token={USER_TOKEN}", None),  # token from the query
+    ]
+    for method, path, token in cases:
+        head = method == "HEAD"
+        before = fast_count(server)
+        fast = one(server.port, request(method, path, token, X_Request_Id="req-fixed"), head)
+        between = fast_count(server)
+        slow = one(server.port, request(method, path, token, close=True, X_Request_Id="req-fixed"), head)
+        assert (between - before, fast_count(server) - between) == (1, 0), "one request on each path"
+        assert fast[0] == slow[0], (method, path)
+        assert fast[2] == slow[2], (method, path)
+        assert comparable(fast[1]) == comparable(slow[1]), (method, path)
+        assert fast[1]["X-Request-Id"] == "req-fixed"
+        assert fast[1]["Vary"] == "X-Keep-Signature"
+        assert fast[1]["Access-Control-Allow-Origin"] == "*"
+    assert one(server.port, request("GET", f"/{loc}"))[2] == data
+    assert one(server.port, request("GET", f"/{big_loc}"))[2] == big
+
+
+def test_http10_and_close_go_through_aiohttp(server: KeepServer) -> None:
+    data = b"old client"
+    loc = server.put(data).text.strip()
+    raw = f"GET /{loc} HTTP/1.0\r\nAuthorization: Bearer {USER_TOKEN}\r\n\r\n".encode()
+    before = fast_count(server)
+    status, _, body = one(server.port, raw)
+    assert (status, body) == (200, data)
+    assert fast_count(server) == before
+
+
+def test_keep_alive_mixes_fast_and_other_requests(server: KeepServer) -> None:
+    blocks = [os.urandom(100 + i) for i in range(5)]
+    locs = [server.put(b).text.strip() for b in blocks]
+    c = Conn(server.port)
+    try:
+        for round_ in range(20):
+            i = round_ % len(blocks)
+            c.send(request("GET", f"/{locs[i]}"))
+            assert c.response()[::2] == (200, blocks[i])
+            c.send(request("HEAD", f"/{locs[i]}"))
+            status, headers, body = c.response(head_request=True)
+            assert (status, headers["Content-Length"], body) == (200, str(len(blocks[i])), b"")
+            if round_ % 5 == 0:
+                c.send(request("GET", "/index", token=ROOT_TOKEN))
+                status, _, body = c.response()
+                assert status == 200 and body.endswith(b"\n\n")
+                new = f"written on a kept-alive connection {round_}".encode()
+                c.send(put_request(new))
+                status, _, body = c.response()
+                assert (status, body.decode().split("+")[0]) == (200, md5(new))
+                c.send(request("TOUCH", f"/{md5(new)}", token=ROOT_TOKEN))
+                assert c.response()[0] == 200
+        # After TOUCH the connection runs on the Python parser; block reads still work on it.
+        c.send(request("GET", f"/{locs[0]}"))
+        assert c.response()[::2] == (200, blocks[0])
+    finally:
+        c.close()
+
+
+def test_pipelined_requests_keep_their_order(server: KeepServer) -> None:
+    blocks = [os.urandom(1000 + 37 * i) for i in range(4)]
+    locs = [server.put(b).text.strip() for b in blocks]
+    new = b"pipelined put"
+    burst = (
+        request("GET", f"/{locs[0]}")
+        + request("GET", f"/{locs[1]}")
+        + put_request(new)
+        + request("HEAD", f"/{locs[2]}")
+        + request("GET", f"/{locs[3]}")
+    )
+    c = Conn(server.port)
+    try:
+        c.send(burst)
+        assert c.response()[::2] == (200, blocks[0])
+        assert c.response()[::2] == (200, blocks[1])
+        status, _, body = c.response()
+        assert status == 200 and body.startswith(md5(new).encode())
+        status, headers, _ = c.response(head_request=True)
+        assert (status, headers["Content-Length"]) == (200, str(len(blocks[2])))
+        assert c.response()[::2] == (200, blocks[3])
+    finally:
+        c.close()
+
+
+def test_request_behind_a_running_fast_read_waits_its_turn(server: KeepServer) -> None:
+    big = os.urandom(48 << 20)  # more than the socket buffers hold: the response stalls until we read
+    small = b"small block"
+    big_loc = server.put(big).text.strip()
+    small_loc = server.put(small).text.strip()
+    c = Conn(server.port)
+    try:
+        c.send(request("GET", f"/{big_loc}"))
+        time.sleep(0.5)  # the big response is under way and stalls on our full receive buffer
+        c.send(request("GET", f"/{small_loc}") + request("GET", "/mounts", token=ROOT_TOKEN))
+        assert c.response()[::2] == (200, big)
+        assert c.response()[::2] == (200, small)
+        status, _, body = c.response()
+        assert status == 200 and body.startswith(b"[")
+    finally:
+        c.close()
+
+
+def test_client_gone_mid_read_is_logged_and_harmless(server: KeepServer) -> None:
+    big = os.urandom(16 << 20)
+    loc = server.put(big).text.strip()
+    c = Conn(server.port)
+    c.send(request("GET", f"/{loc}", X_Request_Id="req-gone-away"))
+    while len(c.buf) < 10000:
+        c._fill()
+    c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    c.close()  # a reset, mid-body
+
+    def logged() -> dict[str, object] | None:
+        for line in server.log_lines():
+            if line.get("msg") == "response" and line.get("RequestID") == "req-gone-away":
+                return line
+        return None
+
+    line = wait_for(logged, what="response line of the abandoned request")
+    assert line["respStatusCode"] in (200, 499)  # the status line was out; the body was cut short
+    assert int(line["respBytes"]) < len(big)  # type: ignore[call-overload]
+    wait_for(lambda: server.status_json()["BufferPool"]["BuffersInUse"] == 0, what="buffer returned")
+    assert one(server.port, request("GET", f"/{loc}"))[2] == big
+
+
+def test_fast_path_is_logged_and_counted_like_any_request(server: KeepServer) -> None:
+    loc = server.put(b"counted").text.strip()
+    before = _get_count(server)
+    for _ in range(7):
+        assert one(server.port, request("GET", f"/{loc}", X_Request_Id="req-counted"))[0] == 200
+    wait_for(lambda: _get_count(server) >= before + 7, what="GETs counted in request_duration_seconds")
+    wait_for(lambda: len([x for x in server.log_lines() if x.get("RequestID") == "req-counted"]) == 14, what="lines")
+    lines = [x for x in server.log_lines() if x.get("RequestID") == "req-counted"]
+    assert sorted(str(x["msg"]) for x in lines) == ["request"] * 7 + ["response"] * 7
+    response = next(x for x in lines if x["msg"] == "response")
+    assert (response["respStatusCode"], response["respBytes"], response["reqMethod"]) == (200, 7, "GET")
+    assert "usertoken" not in server.log_text()  # neither token nor signature is logged
+
+
+def _get_count(server: KeepServer) -> float:
+    for line in server.metrics().splitlines():
+        if line.startswith("request_duration_seconds_count") and 'method="get"' in line and 'code="200"' in line:
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_limiter_applies_to_the_fast_path(server_factory: ServerFactory) -> None:
+    srv = server_factory(volumes=1, api={"MaxConcurrentRequests": 1, "MaxQueuedRequests": 0})
+    big = os.urandom(32 << 20)
+    loc = srv.put(big).text.strip()
+    small_loc = srv.put(b"tiny").text.strip()
+    c = Conn(srv.port)
+    try:
+        c.send(request("GET", f"/{loc}"))  # holds the only request slot while it stalls on our receive buffer
+        time.sleep(0.3)
+        status, headers, body = one(srv.port, request("GET", f"/{small_loc}"))
+        assert (status, body) == (503, b"")
+        assert "Access-Control-Allow-Origin" not in headers  # the limiter sits outside the CORS layer
+        assert c.response()[::2] == (200, big)
+    finally:
+        c.close()
+    assert one(srv.port, request("GET", f"/{small_loc}"))[::2] == (200, b"tiny")
+
+
+def test_sigterm_lets_a_fast_read_finish(server_factory: ServerFactory) -> None:
+    srv = server_factory(volumes=1, extra={"KeepstorePy": {"Workers": 1, "DrainTimeout": "20s"}})
+    big = os.urandom(24 << 20)
+    loc = srv.put(big).text.strip()
+    c = Conn(srv.port)
+    got: list[tuple[int, dict[str, str], bytes]] = []
+    try:
+        c.send(request("GET", f"/{loc}"))
+        while len(c.buf) < 100000:
+            c._fill()
+        assert srv.proc is not None
+        srv.proc.send_signal(signal.SIGTERM)
+        reader = threading.Thread(target=lambda: got.append(c.response()))
+        reader.start()
+        reader.join(30)
+        assert got and got[0][::2] == (200, big)
+        assert srv.proc.wait(30) == 0
+    finally:
+        c.close()
