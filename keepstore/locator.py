@@ -34,12 +34,19 @@ def is_hash(text: str) -> bool:
     return len(text) == 32 and _HASH_RE.fullmatch(text) is not None
 
 
+# The shape nearly every request has (hash+size, maybe +A<signature>@<expiry>), recognised in one match.
+_COMMON_RE = re.compile(r"([0-9a-f]{32})\+([0-9]{1,18})(\+A[0-9a-zA-Z@_-]+)?")
+
+
 def parse_locator(text: str) -> Locator:
     """Parse ``text`` the way the Go keepstore's ``getLocatorInfo`` does, or raise :class:`InvalidLocator`.
 
     Deliberate difference: Go's Atoi accepts a negative size hint (``+-1``) and then behaves inconsistently; here a
     second part that is not all digits is simply "not a size", so ``+-1`` is a hint, not a size.
     """
+    m = _COMMON_RE.fullmatch(text)
+    if m is not None:
+        return Locator(hash=m[1], size=int(m[2]), signed=m[3] is not None, remote=False, text=text)
     parts = text.split("+")
     if any(p == "" for p in parts):
         raise InvalidLocator()

@@ -232,6 +232,11 @@ def after_fork() -> None:
 _REQUEST_KEYS = ("remoteAddr", "reqBytes", "reqForwardedFor", "reqHost", "reqMethod", "reqPath", "reqQuery")
 
 
+def request_lines_enabled() -> bool:
+    """Whether the per-request "request"/"response" lines are written (LogLevel info or debug)."""
+    return _root.isEnabledFor(logging.INFO)
+
+
 def log_request(fields: dict[str, Any]) -> str:
     """Write the "request" line; return the encoded request fields for :func:`log_response`."""
     if not _formatter.json:

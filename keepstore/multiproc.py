@@ -251,7 +251,9 @@ def _child_setup(supervisor: int) -> None:
     if os.getppid() != supervisor:  # the supervisor died between fork and prctl (it may itself be PID 1)
         os._exit(1)
     for sig in _SUPERVISED:
-        signal.signal(sig, signal.SIG_DFL)
+        # SIGHUP ignored until the worker's event loop takes it over (keepstore.server.serve): a reload forwarded
+        # to a worker that is still starting must not kill it.
+        signal.signal(sig, signal.SIG_IGN if sig == signal.SIGHUP else signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _SUPERVISED)
     from . import logs
 

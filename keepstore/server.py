@@ -48,6 +48,28 @@ async def serve(
     # verified GETs of 1-64 MiB (bench/http_bench.py).
     sys.setswitchinterval(0.0005)
     hashing.configure(processes=worker.count if worker is not None else 1)
+    # Signal handlers before the socket is bound: once it is, a client (or systemd) may connect and signal at once,
+    # and a SIGHUP then must not find the default action (terminate) in place.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    # SIGHUP (systemctl reload) must not kill the server; there is nothing to reload yet (logs go to stderr).
+    loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP received: nothing to reload"))
+    try:
+        await _serve(config, stop, on_ready, sock, worker)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+
+
+async def _serve(
+    config: Config,
+    stop: asyncio.Event,
+    on_ready: Callable[[], None] | None,
+    sock: socket.socket | None,
+    worker: WorkerInfo | None,
+) -> None:
     if sock is None:
         sock = bind_socket(config)
     service = Service.build(config)
@@ -81,20 +103,13 @@ async def serve(
     if on_ready is not None:
         on_ready()
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    # SIGHUP (systemctl reload) must not kill the server; there is nothing to reload yet (logs go to stderr).
-    loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP received: nothing to reload"))
     try:
         await stop.wait()
         log.info("shutting down: draining requests", extra={"fields": {"timeout": config.drain_timeout}})
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
         await service.stop_workers()
         await runner.cleanup()
+        await http.close()
         if internal is not None:
             await internal.cleanup()
         await service.close()

@@ -9,7 +9,6 @@ The TTL is part of the message, so signer and verifier must agree on BlobSigning
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import re
 import time
@@ -34,7 +33,7 @@ class Signer:
 
     def signature(self, hash_: str, token: str, expiry_hex: str) -> str:
         message = f"{hash_}@{token}@{expiry_hex}@{self.ttl:x}".encode()
-        return hmac.new(self.key, message, hashlib.sha1).hexdigest()
+        return hmac.digest(self.key, message, "sha1").hex()  # one-shot: several times cheaper than hmac.new
 
     def sign(self, locator: str, token: str, expiry: int | None = None) -> str:
         """Return ``locator`` with a ``+A`` hint for ``token``; expiry defaults to now + TTL."""

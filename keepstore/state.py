@@ -10,6 +10,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+from .logs import redact
+
 if TYPE_CHECKING:
     from .service import Service
 
@@ -22,6 +24,8 @@ def snapshot(svc: Service) -> State:
     now = time.monotonic()
     inflight = []
     if svc.http is not None:
+        from .http.app import peer_of
+
         for c in svc.http.in_flight.values():
             r = c.request
             inflight.append(
@@ -29,8 +33,8 @@ def snapshot(svc: Service) -> State:
                     "RequestID": c.request_id,
                     "Method": r.method,
                     "Host": r.host,
-                    "URL": c.fields.get("reqPath", ""),
-                    "RemoteAddr": c.fields.get("remoteAddr", ""),
+                    "URL": redact(r.raw_path.partition("?")[0].lstrip("/")),
+                    "RemoteAddr": peer_of(r.transport),
                     "XForwardedFor": r.headers.get("X-Forwarded-For", ""),
                     "Elapsed": round(now - c.started, 6),
                 }

@@ -161,6 +161,8 @@ class Store:
     @staticmethod
     def rendezvous(hash: str, mounts: Iterable[Mount]) -> list[Mount]:
         """Priority descending, then rendezvous weight ascending (the server-side order of SPEC §5.3)."""
+        if isinstance(mounts, list) and len(mounts) == 1:
+            return mounts  # one mount: nothing to order (the common single-volume case, on every request)
         return sorted(mounts, key=lambda m: (-m.priority, m.weight(hash[:32])))
 
     # --- reads -----------------------------------------------------------------------------------------------

@@ -367,6 +367,8 @@ class InProcessServer:
 
         async def stop() -> None:
             await self.runner.cleanup()
+            if self.service.http is not None:
+                await self.service.http.close()
             await self.service.close()
 
         asyncio.run_coroutine_threadsafe(stop(), self.loop).result(30)

@@ -264,15 +264,16 @@ class DirectoryVolume(Volume):
     def _open(self, hash: str, capacity: int) -> tuple[int, int]:
         """Open a block for reading: (fd, size). The caller closes fd."""
         path = self._path(hash)
-        self.stats.op("open")
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except (FileNotFoundError, NotADirectoryError):
+            self.stats.op("open")
             raise BlockNotFound() from None
         except OSError as exc:
+            self.stats.op("open")
             raise self._fail("open", path, exc) from exc
+        self.stats.read_done(("open", "stat"), 0)
         try:
-            self.stats.op("stat")
             size = os.fstat(fd).st_size
         except OSError as exc:
             os.close(fd)
