@@ -1,7 +1,8 @@
-"""Build of keepstore's one C extension (everything else is in pyproject.toml).
+"""Build of keepstore's two small C extensions (everything else is in pyproject.toml).
 
-``keepstore._md5mb`` is multi-buffer MD5 (see keepstore/hashing.py). It is optional at build time: where it cannot
-be compiled, keepstore falls back to hashlib and says so at start-up.
+``keepstore._md5mb`` is multi-buffer MD5 (see keepstore/hashing.py); ``keepstore._fileio`` commits a block write
+in one call without the GIL (keepstore/volumes/directory.py). Both are optional at build time: where they cannot be
+compiled, keepstore falls back to hashlib and to the same system calls made from Python.
 """
 
 from setuptools import Extension, setup
@@ -13,6 +14,12 @@ setup(
             ["keepstore/_md5mb.c"],
             extra_compile_args=["-O3", "-std=c11", "-Wall"],
             optional=True,
-        )
+        ),
+        Extension(
+            "keepstore._fileio",
+            ["keepstore/_fileio.c"],
+            extra_compile_args=["-O2", "-std=gnu11", "-Wall"],
+            optional=True,
+        ),
     ]
 )

@@ -70,6 +70,12 @@ class VolumeStats:
                 self.ops[name] = self.ops.get(name, 0) + 1
             self.in_bytes += read
 
+    def write_done(self, ops: tuple[str, ...], written: int) -> None:
+        with self._lock:
+            for name in ops:
+                self.ops[name] = self.ops.get(name, 0) + 1
+            self.out_bytes += written
+
     def error(self, kind: str) -> None:
         with self._lock:
             self.errors[kind] = self.errors.get(kind, 0) + 1

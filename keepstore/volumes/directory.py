@@ -52,6 +52,7 @@ _TRASH_RE = re.compile(r"([0-9a-f]{32})\.trash\.([0-9]+)")
 _TEMP_RE = re.compile(r"tmp[0-9a-f]{32}.*")
 
 FULL_MARKER_TTL = 3600.0  # seconds a "full" symlink is trusted before statfs is asked again
+FULL_CHECK_INTERVAL = 1.0  # seconds a statfs that found room enough is trusted (see _is_full)
 MIN_FREE_BYTES = BLOCK_SIZE  # less free space than one block means full
 _COPY_CHUNK = 1 << 20
 INLINE_READ_MAX = 64 * 1024  # blocks up to this size are read on the event loop when cached (see block_read)
@@ -76,6 +77,40 @@ def _load_sync_file_range() -> Callable[[int, int, int], None]:
 
 
 _sync_file_range = _load_sync_file_range()
+
+
+def _finish_block_py(fd: int, dir_path: str, tmp_path: str, final_path: str) -> None:
+    """keepstore._fileio.finish_block in Python (where the extension is not built): the same steps, same contract."""
+    try:
+        now = time.time_ns()
+        os.utime(fd, ns=(now, now))
+        os.fsync(fd)
+        # fd (and its flock: a live writer's mark for the start-up sweep) is held until the rename is done.
+        dfd = os.open(dir_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        try:
+            fcntl.flock(dfd, fcntl.LOCK_EX)
+            try:
+                os.rename(tmp_path, final_path)
+            finally:
+                fcntl.flock(dfd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+_native_write_block: Callable[[str, str, str, memoryview, str, bytes | None], int] | None
+try:
+    from .._fileio import finish_block as _finish_block
+    from .._fileio import write_block as _native_write_block
+except ImportError:  # pragma: no cover - built by every supported install path
+    _finish_block = _finish_block_py
+    _native_write_block = None
 
 
 @dataclass(frozen=True)
@@ -126,6 +161,8 @@ class DirectoryVolume(Volume):
         self._device_id = _device_id(self.root)
         self._inline_reads = bool(_RWF_NOWAIT)  # see _read_cached
         self._xattrs = hasattr(os, "setxattr")  # see _set_checkpoints
+        self._room_checked = -FULL_CHECK_INTERVAL  # see _is_full
+        self._write_block = _native_write_block if _native_write_block is not None else self._write_py
         self._learn = spec.allow_write  # record checkpoints of blocks that lack them when they are read
         self._started_ns = time.time_ns()
 
@@ -325,21 +362,51 @@ class DirectoryVolume(Volume):
                 raise self._fail("read", path, exc) from exc
 
     def _write(self, hash: str, data: memoryview, checkpoints: Checkpoints | None) -> None:
-        tmp, fd = self._create_temp(hash)
-        try:
-            self._append(hash, tmp, fd, data, 0)
-            self._finish(hash, tmp, fd, checkpoints)
-        except BaseException:
-            self._discard(tmp, fd)
-            raise
-
-    # The steps of a write, shared by _write (whole block at once) and _StreamingWrite (block arriving in pieces).
-
-    def _create_temp(self, hash: str) -> tuple[str, int]:
+        """The whole write of a block in memory, in one native call (see keepstore/_fileio.c): the thread takes the
+        GIL once, not once per system call."""
         if self._is_full():
             raise VolumeFull()
         directory = self._dir(hash)
         tmp = f"{directory}/tmp{hash}{os.urandom(6).hex()}"
+        xattr = checkpoints.encode() if checkpoints is not None and self._xattrs else None
+        try:
+            xattr_error = self._write_block(directory, tmp, self._path(hash), data, CHECKPOINT_XATTR, xattr)
+        except OSError as exc:
+            self.stats.op("create")
+            raise self._write_error(exc, tmp) from exc
+        if xattr_error in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            self._xattrs = False  # this file system has no user xattrs (see _set_checkpoints)
+        self.stats.write_done(("create", "utimes", "rename"), len(data))
+
+    def _write_py(self, directory: str, tmp: str, final: str, data: memoryview, name: str, value: bytes | None) -> int:
+        """keepstore._fileio.write_block in Python (where the extension is not built): same steps, same contract."""
+        hash = final.rpartition("/")[2]
+        tmp, fd = self._create_temp(hash, tmp)
+        try:
+            self._append(hash, tmp, fd, data, 0)
+        except BaseException:
+            self._discard(tmp, fd)
+            raise
+        failed = 0
+        if value is not None:
+            try:
+                os.setxattr(fd, name, value)
+            except OSError as exc:
+                failed = exc.errno or 0
+        try:
+            _finish_block(fd, directory, tmp, final)
+        except OSError:
+            _unlink_quietly(tmp)
+            raise
+        return failed
+
+    # The steps of a write, shared by _write (whole block at once) and _StreamingWrite (block arriving in pieces).
+
+    def _create_temp(self, hash: str, tmp: str = "") -> tuple[str, int]:
+        if self._is_full():
+            raise VolumeFull()
+        directory = self._dir(hash)
+        tmp = tmp or f"{directory}/tmp{hash}{os.urandom(6).hex()}"
         try:
             self.stats.op("create")
             try:
@@ -371,20 +438,19 @@ class DirectoryVolume(Volume):
             raise self._write_error(exc, tmp) from exc
 
     def _finish(self, hash: str, tmp: str, fd: int, checkpoints: Checkpoints | None) -> None:
+        """Make the temp file the block: mtime now, fsync, rename under the directory's flock, fsync the directory.
+
+        Always closes ``fd``; on failure removes the temp file too.
+        """
         if checkpoints is not None:
             self._set_checkpoints(fd, checkpoints)  # before the fsync: durable with the data, visible with it
+        self.stats.op("utimes")
         try:
-            # ext4 stamps inodes from a coarse clock; set a precise mtime so that index and trash-list mtimes
-            # (nanoseconds) are distinct and monotonic.
-            now = time.time_ns()
-            self.stats.op("utimes")
-            os.utime(fd, ns=(now, now))
-            os.fsync(fd)
-            os.close(fd)
-            self._locked_in_dir(self._dir(hash), lambda: os.rename(tmp, self._path(hash)), fsync=True)
-            self.stats.op("rename")
+            _finish_block(fd, self._dir(hash), tmp, self._path(hash))
         except OSError as exc:
+            _unlink_quietly(tmp)
             raise self._write_error(exc, tmp) from exc
+        self.stats.op("rename")
 
     def _set_checkpoints(self, fd: int, checkpoints: Checkpoints) -> None:
         """Keep a block's MD5 checkpoints in an extended attribute (a hint: a file system without them does not)."""
@@ -536,6 +602,9 @@ class DirectoryVolume(Volume):
         return moved
 
     def _is_full(self) -> bool:
+        """Whether writes are refused: a recent ``full`` marker (any process may set or clear it), or too little
+        free space. The marker is read every time; a statfs that found room enough is trusted for a second (a write
+        that runs out of space meanwhile gets ENOSPC, which marks the volume full at once)."""
         marker = f"{self.root}/full"
         try:
             since = int(os.readlink(marker))
@@ -543,6 +612,9 @@ class DirectoryVolume(Volume):
                 return True
         except (OSError, ValueError):
             pass
+        now = time.monotonic()
+        if now < self._room_checked + FULL_CHECK_INTERVAL:
+            return False
         try:
             st = os.statvfs(self.root)
         except OSError:
@@ -550,9 +622,11 @@ class DirectoryVolume(Volume):
         if st.f_bavail * st.f_frsize < MIN_FREE_BYTES:
             self._mark_full()
             return True
+        self._room_checked = now
         return False
 
     def _mark_full(self) -> None:
+        self._room_checked = -FULL_CHECK_INTERVAL
         marker = f"{self.root}/full"
         tmp = f"{marker}.{os.getpid()}.tmp"
         try:

@@ -9,6 +9,7 @@ import fcntl
 import hashlib
 import os
 import socket
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -372,25 +373,25 @@ def test_sweep_temporary(root: Path) -> None:
         os.close(holder)
 
 
+def python_write_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Volumes made from now on write through the Python steps (keepstore/_fileio.c has the same contract), so that a
+    test can inject faults into them with monkeypatch."""
+    monkeypatch.setattr(directory, "_native_write_block", None)
+
+
 def test_write_holds_flock_on_its_temp_file(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # While a write is in progress, its temp file is flock()ed, so a concurrent sweep leaves it alone.
+    # While a write is in progress (up to its commit), its temp file is flock()ed, so a concurrent sweep leaves it
+    # alone. The Python path, observed at the commit step:
     seen: list[bool] = []
-    real_fsync = os.fsync
+    real_finish = directory._finish_block
 
-    def spying_fsync(fd: int) -> None:
-        target = os.readlink(f"/proc/self/fd/{fd}")
-        if os.path.basename(target).startswith("tmp"):
-            probe = os.open(target, os.O_RDONLY)
-            try:
-                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                seen.append(False)
-            except BlockingIOError:
-                seen.append(True)
-            finally:
-                os.close(probe)
-        real_fsync(fd)
+    def spying_finish(fd: int, dir_path: str, tmp_path: str, final_path: str) -> None:
+        seen.append(_locked(tmp_path))
+        real_finish(fd, dir_path, tmp_path, final_path)
 
-    monkeypatch.setattr(os, "fsync", spying_fsync)
+    monkeypatch.setattr(directory, "_finish_block", spying_finish)
+
+    python_write_path(monkeypatch)
 
     async def body(vol: DirectoryVolume) -> None:
         await put(vol, b"locked while written")
@@ -399,7 +400,114 @@ def test_write_holds_flock_on_its_temp_file(root: Path, monkeypatch: pytest.Monk
     assert seen == [True]
 
 
+def test_native_write_holds_flock_on_its_temp_file(root: Path) -> None:
+    # The native write (keepstore/_fileio.c) cannot be intercepted: watch a large write from outside instead.
+    data = os.urandom(64 << 20)
+    probes: list[bool] = []
+    done = False
+
+    def watch() -> None:
+        # A temp file is locked from just after its creation (the instant between open and flock has nothing in
+        # it yet) until it is renamed into place: every probe of one that holds data must find it locked.
+        while not done:
+            for tmp in root.glob("*/tmp*"):
+                try:
+                    if tmp.stat().st_size > 0:
+                        probes.append(_locked(str(tmp)))
+                except FileNotFoundError:
+                    pass  # renamed into place meanwhile
+            time.sleep(0.0005)
+
+    async def body(vol: DirectoryVolume) -> None:
+        nonlocal done
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            for _ in range(3):
+                await put(vol, data + os.urandom(8))
+        finally:
+            done = True
+            watcher.join()
+
+    run(root, body)
+    assert probes, "no temp file with data was ever seen: the write was too fast to observe"
+    assert all(probes)
+
+
+def _locked(path: str) -> bool:
+    probe = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(probe)
+
+
+@pytest.mark.parametrize("step", ["fsync", "rename", "fsync_dir"])
+def test_commit_failure_closes_the_file_and_removes_the_temp(
+    root: Path, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    python_write_path(monkeypatch)
+    # The Python fallback of finish_block has the C version's contract: fd closed and temp removed on any failure.
+    monkeypatch.setattr(directory, "_finish_block", directory._finish_block_py)
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd: int) -> None:
+        is_dir = os.path.isdir(os.readlink(f"/proc/self/fd/{fd}"))
+        if (step == "fsync" and not is_dir) or (step == "fsync_dir" and is_dir):
+            raise OSError(errno.EIO, "injected")
+        real_fsync(fd)
+
+    def rename(src: str, dst: str) -> None:
+        if step == "rename":
+            raise OSError(errno.EIO, "injected")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    before = set(os.listdir("/proc/self/fd"))
+
+    async def body(vol: DirectoryVolume) -> None:
+        with pytest.raises(VolumeError):
+            await put(vol, b"cannot be committed")
+
+    run(root, body)
+    assert [p for p in root.rglob("tmp*")] == []
+    assert set(os.listdir("/proc/self/fd")) <= before  # no descriptor leaked
+
+
+def test_native_commit_failure_closes_the_file(root: Path) -> None:
+    from keepstore import _fileio
+
+    (root / "abc").mkdir()
+    tmp, final = root / "abc" / "tmpx", root / "abc" / "final"
+    final.mkdir()  # renaming a file onto a directory fails: EISDIR
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o600)
+    with pytest.raises(IsADirectoryError) as info:
+        _fileio.finish_block(fd, str(root / "abc"), str(tmp), str(final))
+    assert info.value.filename == str(tmp)
+    with pytest.raises(OSError) as closed:
+        os.fstat(fd)
+    assert closed.value.errno == errno.EBADF
+    assert tmp.exists()  # the caller removes it
+
+
+def test_commit_onto_a_directory_fails_cleanly(root: Path) -> None:
+    data = b"a directory sits where this block goes"
+    (root / md5(data)[:3] / md5(data)).mkdir(parents=True)
+
+    async def body(vol: DirectoryVolume) -> None:
+        with pytest.raises(VolumeError):
+            await vol.block_write(md5(data), memoryview(data))
+
+    run(root, body)
+    assert [p.name for p in (root / md5(data)[:3]).iterdir()] == [md5(data)]  # no temp file left
+
+
 def test_failed_write_leaves_no_temp_file_and_keeps_old_copy(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    python_write_path(monkeypatch)
     real_write = os.write
     data = b"x" * 100
 
@@ -482,6 +590,7 @@ def test_low_free_space_means_full_and_sets_marker(root: Path, monkeypatch: pyte
 
 
 def test_enospc_while_writing_is_full(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    python_write_path(monkeypatch)
     real_write = os.write
 
     def enospc(fd: int, buf: Any) -> int:
@@ -790,6 +899,7 @@ def test_streaming_writer_commit_keeps_checkpoints(root: Path, parallel: list[st
 def test_file_system_refusing_xattrs_does_not_fail_writes(
     root: Path, monkeypatch: pytest.MonkeyPatch, err: int
 ) -> None:
+    python_write_path(monkeypatch)
     calls: list[str] = []
 
     def refuse(path: Any, name: str, value: bytes, *args: Any) -> None:

@@ -1,0 +1,12 @@
+# Types of the C extension keepstore/_fileio.c (see its header comment).
+
+def finish_block(fd: int, dir_path: str, tmp_path: str, final_path: str, /) -> None: ...
+def write_block(
+    dir_path: str,
+    tmp_path: str,
+    final_path: str,
+    data: bytes | memoryview,
+    xattr_name: str,
+    xattr_value: bytes | None,
+    /,
+) -> int: ...
