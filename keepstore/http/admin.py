@@ -106,7 +106,7 @@ async def _read_list(call: Call) -> bytes:
     chunks: list[bytes] = []
     total = 0
     try:
-        while chunk := await call.aiohttp_request.content.readany():
+        while chunk := await call.request.content.readany():
             total += len(chunk)
             if total > LIST_BODY_LIMIT:
                 raise TooLarge()

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from aiohttp import web
+from aiohttp import StreamReader, web
 from aiohttp.web_request import BaseRequest
 from multidict import CIMultiDictProxy
 
@@ -62,6 +62,8 @@ class Incoming(Protocol):
     def host(self) -> str: ...
     @property
     def content_length(self) -> int | None: ...
+    @property
+    def content(self) -> StreamReader: ...
     @property
     def cookies(self) -> Mapping[str, str]: ...
     @property
@@ -121,6 +123,14 @@ class Exchange(ABC):
     def cut_short(self) -> None:
         """Abort the connection: a started response cannot be completed."""
 
+    @abstractmethod
+    def close_after(self) -> None:
+        """Close the connection once this response is sent (the request's framing cannot be trusted)."""
+
+    @abstractmethod
+    async def send_continue(self) -> None:
+        """Send ``100 Continue`` (the client waits for it before sending the body)."""
+
 
 Handler = Callable[["Call", "re.Match[str]"], Awaitable[Reply | None]]
 
@@ -151,13 +161,6 @@ class Call:
     @property
     def request(self) -> Incoming:
         return self.exchange.request
-
-    @property
-    def aiohttp_request(self) -> BaseRequest:
-        """The aiohttp request, for handlers that read a body (only requests through aiohttp's server have one)."""
-        request = self.exchange.request
-        assert isinstance(request, BaseRequest), "a request with a body always goes through aiohttp"
-        return request
 
     @property
     def responded(self) -> bool:
@@ -248,6 +251,12 @@ class AiohttpExchange(Exchange):
     def cut_short(self) -> None:
         if self._request.transport is not None:
             self._request.transport.abort()
+
+    def close_after(self) -> None:
+        self._request.protocol.force_close()
+
+    async def send_continue(self) -> None:
+        await self._request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
 
 _LOC = r"(?P<loc>[0-9a-f]{32}.*)"

@@ -87,7 +87,7 @@ async def read(call: Call, match: re.Match[str]) -> Reply | None:
 
 async def write(call: Call, match: re.Match[str]) -> Reply:
     svc = call.service
-    request = call.aiohttp_request
+    request = call.request
     declared = request.content_length
     if declared is not None and declared > BLOCK_SIZE:
         # Deliberate difference 1: refuse before reading the body. aiohttp then discards what the client still
@@ -105,7 +105,7 @@ async def write(call: Call, match: re.Match[str]) -> Reply:
         try:
             if request.headers.get("Expect", "").lower() == "100-continue":
                 # Only now that a buffer is ours do we ask for the body (as upstream does).
-                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                await call.exchange.send_continue()
             pipe = WriterPipe(buf.view, stream[1]) if stream is not None else None
             body = await _receive(call, buf.view, pipe, declared)
             size, computed = body.size, body.md5
@@ -141,11 +141,11 @@ async def write(call: Call, match: re.Match[str]) -> Reply:
 async def _receive(call: Call, view: memoryview, pipe: WriterPipe | None, declared: int | None) -> Body:
     """Read the request body into ``view`` while hashing it (and writing it, with a pipe)."""
     try:
-        return await receive(call.aiohttp_request.content, view, writer=pipe, size_hint=declared)
+        return await receive(call.request.content, view, writer=pipe, size_hint=declared)
     except (ConnectionError, asyncio.IncompleteReadError) as exc:
         raise ClientGone(str(exc)) from exc
     except (RequestPayloadError, HttpProcessingError) as exc:
-        call.aiohttp_request.protocol.force_close()
+        call.exchange.close_after()
         raise BadRequestBody(f"invalid request body: {exc}") from exc
 
 

@@ -27,7 +27,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError
 from aiohttp.http_parser import HttpRequestParserPy, RawRequestMessage
-from aiohttp.streams import EMPTY_PAYLOAD
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 
 from .fast import FastExchange, qualifies
@@ -94,6 +94,7 @@ class KeepRequestHandler(RequestHandler):
         self._parser = _FallbackParser(self, primary, make_fallback)  # type: ignore[assignment]
         self._fast_serve: FastServe | None = getattr(manager, "fast", None) if _fast_path_usable(self) else None
         self._fast_task: asyncio.Task[None] | None = None
+        self.force_close_after = False  # set by the fast path's exchange: close once its response is out
 
     # --- the fast path (keepstore.http.fast) ---------------------------------------------------------------------
 
@@ -119,10 +120,10 @@ class KeepRequestHandler(RequestHandler):
         messages, upgraded, tail = self._parse(data)
         if len(messages) == 1 and not upgraded:
             message, payload = messages[0]
-            if isinstance(message, RawRequestMessage) and payload is EMPTY_PAYLOAD and qualifies(message):
+            if isinstance(message, RawRequestMessage) and qualifies(message, payload):
                 self._request_count += 1
                 self._parser.message_consumed()
-                self._start_fast(serve, message)
+                self._start_fast(serve, message, payload)
                 return
         self._queue(messages, upgraded, tail, wake=True)
 
@@ -148,11 +149,12 @@ class KeepRequestHandler(RequestHandler):
         if upgraded and tail:
             self._message_tail = tail
 
-    def _start_fast(self, serve: FastServe, message: RawRequestMessage) -> None:
+    def _start_fast(self, serve: FastServe, message: RawRequestMessage, payload: StreamReader) -> None:
         if self._keepalive_handle is not None:
             self._keepalive_handle.cancel()  # not idle: no keep-alive timeout while the request runs
             self._keepalive_handle = None
-        self._fast_task = self._loop.create_task(self._run_fast(serve, FastExchange(self, message)))
+        self.force_close_after = False
+        self._fast_task = self._loop.create_task(self._run_fast(serve, FastExchange(self, message, payload)))
 
     async def _run_fast(self, serve: FastServe, exchange: FastExchange) -> None:
         failed = False
@@ -167,7 +169,7 @@ class KeepRequestHandler(RequestHandler):
             failed = True
         finally:
             self._fast_task = None
-        if failed:
+        if failed or self.force_close_after or not exchange.request.content.is_eof():
             self.force_close()
             return
         if self._force_close or self._close or self.transport is None:
