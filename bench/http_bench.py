@@ -441,7 +441,7 @@ def main() -> None:
         for label in sizes:
             size = SIZES[label]
             longest = max(args.duration, 3 * max(concs) * size / 200e6)
-            budget = int(longest * max(concs) * {4 << 10: 900, 1 << 20: 60, 64 << 20: 2}[size]) + 100
+            budget = int(longest * max(concs) * {4 << 10: 2500, 1 << 20: 60, 64 << 20: 2}[size]) + 100
             blocks = Blocks(work, size, budget)
             for op in ops:
                 if op == "GET":

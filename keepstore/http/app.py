@@ -102,6 +102,7 @@ class Exchange(ABC):
     """Puts one call's response on the wire."""
 
     request: Incoming
+    task: asyncio.Task[Any] | None = None  # the task serving the request (RequestTimeout cancels it)
 
     @abstractmethod
     async def reply(self, call: Call, reply: Reply) -> None:
@@ -154,8 +155,7 @@ class Call:
     sent: int = 0  # body bytes sent
     error_body: bytes = b""  # the body of an error reply, for the log
     log_shared: str = ""  # the request fields, encoded once for both log lines
-    deadline: float = 0.0  # RequestTimeout: when the deadline sweeper cancels ``task`` (0: none)
-    task: asyncio.Task[Any] | None = None
+    deadline: float = 0.0  # RequestTimeout: when the deadline sweeper cancels the exchange's task (0: none)
     timed_out: bool = False
 
     @property
@@ -211,6 +211,7 @@ class AiohttpExchange(Exchange):
     def __init__(self, request: BaseRequest) -> None:
         self.request = request
         self._request = request
+        self.task = asyncio.current_task()
         self.response: web.StreamResponse | None = None
 
     def _decorated(self, call: Call, resp: web.StreamResponse, content_type: str | None) -> web.StreamResponse:
@@ -403,20 +404,18 @@ class KeepHTTP:
         timeout = self.service.config.request_timeout
         if timeout <= 0 or getattr(handler, "no_deadline", False):
             return await handler(call, match)
-        task = asyncio.current_task()
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep(timeout))
-        call.task = task
         call.deadline = call.started + timeout
         try:
             return await handler(call, match)
         except asyncio.CancelledError:
+            task = call.exchange.task
             if call.timed_out and task is not None and task.uncancel() == 0:
                 raise ClientGone("request timeout") from None
             raise
         finally:
             call.deadline = 0.0
-            call.task = None
 
     async def _sweep(self, timeout: float) -> None:
         """Cancel handlers past their deadline; checks often enough that none overruns by more than 1/8 of it."""
@@ -427,7 +426,7 @@ class KeepHTTP:
             # A call with a deadline is suspended inside its handler (_timed clears the deadline on the way out), so
             # the cancellation lands there and _timed turns it into ClientGone.
             for call in list(self.in_flight.values()):
-                task = call.task
+                task = call.exchange.task
                 if call.deadline and now >= call.deadline and task is not None and not call.timed_out:
                     call.timed_out = True
                     task.cancel()

@@ -35,7 +35,7 @@ from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from multidict import CIMultiDictProxy
 
-from .app import Call, Exchange, Reply
+from .app import CORS_HEADERS, Call, Exchange, Reply
 
 if TYPE_CHECKING:
     from .protocol import KeepRequestHandler
@@ -119,16 +119,13 @@ class FastExchange(Exchange):
 
     async def reply(self, call: Call, reply: Reply) -> None:
         body = b"" if self._head_only else reply.body
-        headers = call.response_headers()
-        if reply.headers:
-            headers.update(reply.headers)
-        self._write(_head(reply.status, reply.content_type, len(reply.body), headers) + body)
+        self._write(_head(reply.status, reply.content_type, len(reply.body), call, reply.headers) + body)
         await self._drain()
 
     async def start(self, call: Call, status: int, content_type: str | None, length: int | None) -> None:
         if length is None:
             raise ValueError("the fast path sends only responses of known length")
-        self._write(_head(status, content_type, length, call.response_headers()))
+        self._write(_head(status, content_type, length, call, None))
 
     async def send(self, data: bytes | memoryview) -> None:
         if self._head_only:
@@ -165,29 +162,50 @@ class FastExchange(Exchange):
 _date = ("", 0)
 
 
-def _date_header() -> str:
+def _date_server() -> str:
+    """The Date and Server header lines, as aiohttp sends them (Date changes once a second)."""
     global _date
     now = int(time.time())
     if _date[1] != now:
-        _date = (rfc822_formatted_time(), now)
+        _date = (f"Date: {rfc822_formatted_time()}\r\nServer: {SERVER_SOFTWARE}\r\n", now)
     return _date[0]
 
 
-def _reason(status: int) -> str:
+def _status_line(status: int) -> str:
     try:
-        return HTTPStatus(status).phrase  # what aiohttp sends
+        reason = HTTPStatus(status).phrase  # what aiohttp sends
     except ValueError:
-        return ""
+        reason = ""
+    return f"HTTP/1.1 {status} {reason}\r\n"
 
 
-def _head(status: int, content_type: str | None, length: int, headers: dict[str, str]) -> bytes:
-    lines = [f"HTTP/1.1 {status} {_reason(status)}\r\n"]
-    if content_type is not None:
-        lines.append(f"Content-Type: {content_type}\r\n")
-    lines.append(f"Content-Length: {length}\r\nDate: {_date_header()}\r\nServer: {SERVER_SOFTWARE}\r\n")
+_STATUS_LINES = {status: _status_line(status) for status in (200, 400, 401, 403, 404, 405, 413, 500, 502, 503, 507)}
+_CORS_LINES = "".join(f"{name}: {value}\r\n" for name, value in CORS_HEADERS.items())
+
+
+def _header_lines(headers: dict[str, str]) -> str:
+    out = []
     for name, value in headers.items():
         if "\r" in value or "\n" in value:  # never from our own code; an echoed X-Request-Id passed llhttp already
             value = value.replace("\r", " ").replace("\n", " ")
-        lines.append(f"{name}: {value}\r\n")
-    lines.append("\r\n")
-    return "".join(lines).encode("latin-1", "replace")
+        out.append(f"{name}: {value}\r\n")
+    return "".join(out)
+
+
+def _head(status: int, content_type: str | None, length: int, call: Call, extra: dict[str, str] | None) -> bytes:
+    """The status line and headers: those aiohttp would send, then the call's (``Call.response_headers``)."""
+    request_id = call.request_id
+    if "\r" in request_id or "\n" in request_id:
+        request_id = request_id.replace("\r", " ").replace("\n", " ")
+    head = (
+        (_STATUS_LINES.get(status) or _status_line(status))
+        + (f"Content-Type: {content_type}\r\n" if content_type is not None else "")
+        + f"Content-Length: {length}\r\n"
+        + _date_server()
+        + f"X-Request-Id: {request_id}\r\n"
+        + (_CORS_LINES if call.cors else "")
+        + (_header_lines(call.headers) if call.headers else "")
+        + (_header_lines(extra) if extra else "")
+        + "\r\n"
+    )
+    return head.encode("latin-1", "replace")

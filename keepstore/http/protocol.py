@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from aiohttp import web
@@ -154,9 +154,20 @@ class KeepRequestHandler(RequestHandler):
             self._keepalive_handle.cancel()  # not idle: no keep-alive timeout while the request runs
             self._keepalive_handle = None
         self.force_close_after = False
-        self._fast_task = self._loop.create_task(self._run_fast(serve, FastExchange(self, message, payload)))
+        exchange = FastExchange(self, message, payload)
+        coro = self._run_fast(serve, exchange)
+        # Run the request right here up to its first real wait, as Python 3.12's eager tasks do: a small cached GET
+        # usually finishes without one, and then costs no task and no extra turn of the event loop. Only if it
+        # waits does a task take over, from where it stopped.
+        try:
+            waiting = coro.send(None)
+        except StopIteration:
+            return
+        task = self._loop.create_task(_continue(coro, waiting))
+        exchange.task = self._fast_task = task
 
     async def _run_fast(self, serve: FastServe, exchange: FastExchange) -> None:
+        """Serve one fast-path request; never raises (failures close the connection)."""
         failed = False
         try:
             await serve(exchange)
@@ -164,7 +175,7 @@ class KeepRequestHandler(RequestHandler):
             failed = True  # connection lost or shutting down: the pipeline logged it
         except ConnectionError:
             failed = True
-        except Exception:
+        except BaseException:
             log.exception("unhandled error on the fast path")
             failed = True
         finally:
@@ -209,6 +220,35 @@ class KeepRequestHandler(RequestHandler):
             return False
         current = self._current_request
         return current is None or current.content.is_eof()
+
+
+async def _continue(coro: Coroutine[Any, Any, None], waiting: Any) -> None:
+    """Drive ``coro`` on from the point where its eager start (KeepRequestHandler._start_fast) left it.
+
+    ``waiting`` is what the coroutine yielded: the future it waits for (asyncio's protocol), or None for a bare
+    yield. What a task does for its coroutine is done here: wait for that future, resume the coroutine, and pass a
+    cancellation of this task on to it.
+    """
+    while True:
+        cancel = False
+        try:
+            if waiting is None:
+                await asyncio.sleep(0)
+            else:
+                # The coroutine's own await marked the future as awaited (asyncio refuses a second await of a
+                # future so marked); a task would have cleared the mark on taking the future over, so do that.
+                waiting._asyncio_future_blocking = False
+                await waiting  # a cancellation of this task cancels ``waiting``, as for a task awaiting it
+        except asyncio.CancelledError:
+            # Through ``waiting`` the coroutine sees it when resumed; otherwise (a bare yield, or a future that was
+            # already done) it has to be thrown in.
+            cancel = waiting is None or not waiting.cancelled()
+        except BaseException:
+            pass  # the future's own error: the coroutine gets it from the future when resumed
+        try:
+            waiting = coro.throw(asyncio.CancelledError()) if cancel else coro.send(None)
+        except StopIteration:
+            return
 
 
 class KeepServer(web.Server):

@@ -65,6 +65,7 @@ def test_queue_overflow_gets_503(server_factory: ServerFactory) -> None:  # item
 def test_queued_requests_wait_their_turn(server_factory: ServerFactory) -> None:
     srv = server_factory(api={"MaxConcurrentRequests": 1, "MaxQueuedRequests": 10})
     stalled = slow_put(srv.port, b"y" * 100_000)
+    wait_for(lambda: srv.status_json()["RequestsCurrent"] == 1, what="the stalled PUT holding the only slot")
     with ThreadPoolExecutor(3) as pool:
         futures = [pool.submit(srv.put, f"block{i}".encode()) for i in range(3)]
         time.sleep(0.5)
