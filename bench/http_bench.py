@@ -9,7 +9,10 @@ What it does, all on 127.0.0.1 and on the disk that holds this repository:
   no checksum, no fsync; starts keepstore with one directory volume (fsync on, every read verified);
 * PUT: wrk sends *unique* blocks (a 16-hex-digit counter ends each body; the URL is the block's md5, computed in
   advance), so both servers create a new file per request, as in real use; GET: a fixed set of stored blocks, read
-  round-robin (page cache warm);
+  round-robin (page cache warm). Every run writes blocks no earlier run wrote, so nothing is deleted between runs
+  (except the few large files of 64 MiB cells): on ext4 without a journal, creating files is slow for minutes after
+  a mass deletion (recently deleted inodes are skipped), which would penalise whichever server runs next. For the
+  same reason, start a run a few minutes after the test suite or another run has deleted many files;
 * measures md5 speed (1 and 2 threads) and the durable-write ceiling (8 threads: write, fsync, rename, fsync the
   directory; unique files) in the same run: where nginx is above those, they are the real target;
 * reports throughput, p50/p99 latency, server and wrk CPU (cores), and the server's peak RSS; keepstore/nginx
@@ -49,6 +52,7 @@ from keeptest import (  # noqa: E402
 from bench.report import machine, write_section  # noqa: E402
 
 SIZES = {"4 KiB": 4 << 10, "1 MiB": 1 << 20, "64 MiB": 64 << 20}
+LARGE = 64 << 20  # PUT cells of this size are deleted after each cell; smaller ones stay until the run ends
 LUA = ROOT / "bench" / "lua"
 CLK = os.sysconf("SC_CLK_TCK")
 
@@ -201,37 +205,56 @@ def _wait_port(port: int) -> None:
 
 
 class Blocks:
-    """Unique blocks of one size: base[:size-16] + 16 hex digits; md5s computed from a shared prefix state."""
+    """Unique blocks of one size: base[:size-16] + 16 hex digits of a counter; md5s from a shared prefix state.
 
-    def __init__(self, work: Path, size: int, count: int) -> None:
+    Counter values are handed out in disjoint ranges (``names``): the GET seed set and every PUT run get their own,
+    so no run ever writes a block that is already stored and nothing has to be deleted between runs (see main).
+    """
+
+    def __init__(self, work: Path, size: int) -> None:
+        self.work = work
         self.size = size
         self.base_path = work / f"base-{size}"
         base = os.urandom(size)
         self.base_path.write_bytes(base)
         self.prefix = base[: size - 16]
-        state = hashlib.md5(self.prefix)
-        self.names = []
-        for i in range(count):
-            h = state.copy()
+        self._state = hashlib.md5(self.prefix)
+        self._next = 0
+        self._ranges = 0
+
+    def names(self, count: int) -> tuple[int, list[str]]:
+        """The next ``count`` counter values: (first value, md5 of each block)."""
+        first = self._next
+        self._next += count
+        out = []
+        for i in range(first, first + count):
+            h = self._state.copy()
             h.update(b"%016x" % i)
-            self.names.append(h.hexdigest())
-        self.names_path = work / f"names-{size}"
-        self.names_path.write_text("\n".join(self.names) + "\n")
+            out.append(h.hexdigest())
+        return first, out
+
+    def names_file(self, count: int) -> tuple[int, Path]:
+        """``names`` written one per line for put.lua: (first counter value, file)."""
+        first, names = self.names(count)
+        self._ranges += 1
+        path = self.work / f"names-{self.size}-{self._ranges}"
+        path.write_text("\n".join(names) + "\n")
+        return first, path
 
     def body(self, i: int) -> bytes:
         return self.prefix + b"%016x" % i
 
 
-def seed(url: str, blocks: Blocks, count: int, token: str | None) -> None:
+def seed(url: str, blocks: Blocks, first: int, names: list[str], token: str | None) -> None:
     def put(i: int) -> None:
-        req = urllib.request.Request(f"{url}/{blocks.names[i]}", data=blocks.body(i), method="PUT")
+        req = urllib.request.Request(f"{url}/{names[i]}", data=blocks.body(first + i), method="PUT")
         if token:
             req.add_header("Authorization", f"Bearer {token}")
         with urllib.request.urlopen(req) as r:
             assert r.status in (200, 201, 204), r.status
 
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        list(pool.map(put, range(count)))
+        list(pool.map(put, range(len(names))))
 
 
 # --- wrk ---------------------------------------------------------------------------------------------------------
@@ -266,6 +289,7 @@ def run_wrk(
     token: str | None,
     pids: list[int],
     base: Path | None = None,
+    first: int = 0,
 ) -> Result:
     threads = 1 if conns == 1 else 2
     env = dict(
@@ -275,6 +299,7 @@ def run_wrk(
         KS_BENCH_SIZE=str(size),
         KS_BENCH_TOKEN=token or "",
         KS_BENCH_BASE=str(base or ""),
+        KS_BENCH_FIRST=str(first),
     )
     reset_peak_rss(pids)
     cpu0 = cpu_seconds(pids)
@@ -354,14 +379,16 @@ def md5_speed(threads: int, seconds: float = 2.0) -> float:
     return sum(done) / (time.monotonic() - t0) / 1e6
 
 
-def durable_write_ceiling(work: Path, size: int, seconds: float = 4.0, threads: int = 8) -> tuple[float, float]:
-    """(MB/s, files/s) for write + fsync + rename + fsync(dir) of unique files, ``threads`` at a time.
+def durable_write_ceiling(work: Path, size: int, seconds: float = 4.0, threads: int = 8) -> tuple[float, float, float]:
+    """(MB/s, files/s, CPU us per file) for write + fsync + rename + fsync(dir) of unique files, ``threads`` at a time.
+
+    The CPU (user + system, of this process) says how much of the two cores the durable write alone takes: on a
+    small block it is mostly the kernel's, and a server that writes durably has only what is left for HTTP.
 
     Files are spread over 256 subdirectories, as a directory volume spreads blocks over <hash[0:3]>/ ones (all
     writers fsyncing one directory would measure that directory's lock, not the disk).
     """
-    d = work / "ceiling"
-    shutil.rmtree(d, ignore_errors=True)
+    d = work / f"ceiling-{size}"  # left in place until the end of the run (see main: no deletions mid-run)
     d.mkdir()
     for sub in range(256):
         (d / f"{sub:03x}").mkdir()
@@ -389,14 +416,16 @@ def durable_write_ceiling(work: Path, size: int, seconds: float = 4.0, threads: 
 
     ts = [threading.Thread(target=work_, args=(i,)) for i in range(threads)]
     t0 = time.monotonic()
+    cpu0 = os.times()
     for t in ts:
         t.start()
     for t in ts:
         t.join()
+    cpu1 = os.times()
     elapsed = time.monotonic() - t0
-    shutil.rmtree(d)
     files = sum(counts) / elapsed
-    return files * size / 1e6, files
+    cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+    return files * size / 1e6, files, 1e6 * cpu / max(1, sum(counts))
 
 
 # --- main --------------------------------------------------------------------------------------------------------
@@ -440,41 +469,41 @@ def main() -> None:
     try:
         for label in sizes:
             size = SIZES[label]
-            longest = max(args.duration, 3 * max(concs) * size / 200e6)
-            budget = int(longest * max(concs) * {4 << 10: 2500, 1 << 20: 60, 64 << 20: 2}[size]) + 100
-            blocks = Blocks(work, size, budget)
+            blocks = Blocks(work, size)
             for op in ops:
                 if op == "GET":
                     count = {4 << 10: 1000, 1 << 20: 200, 64 << 20: 12}[size]
-                    nginx.clear()
-                    ks.clear()
-                    seed(nginx.url, blocks, count, None)
-                    seed(ks.url, blocks, count, USER_TOKEN)
+                    first, names = blocks.names(count)
+                    seed(nginx.url, blocks, first, names, None)
+                    seed(ks.url, blocks, first, names, USER_TOKEN)
                     plain = work / f"get-nginx-{size}"
-                    plain.write_text("\n".join(blocks.names[:count]) + "\n")
+                    plain.write_text("\n".join(names) + "\n")
                     signed = work / f"get-ks-{size}"
-                    signed.write_text("\n".join(sign(f"{n}+{size}") for n in blocks.names[:count]) + "\n")
+                    signed.write_text("\n".join(sign(f"{n}+{size}") for n in names) + "\n")
                 for conns in concs:
                     cell: dict[str, Result] = {}
                     # wrk counts only requests that complete inside the run: give slow cells (32 x 64 MiB) time to
                     # complete a few rounds, or the figure says more about the window than about the server.
                     duration = max(args.duration, 3 * conns * size / 200e6)
+                    # Unique names for one PUT run: more than either server can write in it (per connection-second).
+                    budget = int(duration * conns * {4 << 10: 2500, 1 << 20: 60, 64 << 20: 2}[size]) + 100
                     for name, srv in (("nginx", nginx), ("keepstore", ks)):
                         runs = []
                         for _ in range(args.repeat):
                             if op == "PUT":
-                                srv.clear()
+                                first, names_path = blocks.names_file(budget)
                                 os.sync()
                                 r = run_wrk(
                                     srv.url,
                                     "put.lua",
-                                    blocks.names_path,
+                                    names_path,
                                     size,
                                     conns,
                                     duration,
                                     USER_TOKEN if name == "keepstore" else None,
                                     srv.pids,
                                     blocks.base_path,
+                                    first,
                                 )
                             else:
                                 r = run_wrk(
@@ -501,7 +530,11 @@ def main() -> None:
                         print(row, flush=True)
                     ratio = cell["keepstore"].rps / cell["nginx"].rps
                     ratios.append(f"| {op} {label} | {conns} | {ratio:.2f} |")
-                    if op == "PUT":
+                    if op == "PUT" and size >= LARGE:
+                        # Only large blocks are deleted during the run (to bound the disk space it needs): a few
+                        # hundred files. ext4 without a journal skips recently deleted inodes when it allocates
+                        # new ones, so mass deletions of small files would slow every create after them for
+                        # minutes (nginx's 4 KiB PUTs fell from ~8k to ~1.5k req/s that way).
                         nginx.clear()
                         ks.clear()
     finally:
@@ -510,7 +543,8 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
     ceiling_rows = "\n".join(
-        f"| {label} | {mb:,.0f} MB/s | {files:,.0f} files/s |" for label, (mb, files) in ceilings.items()
+        f"| {label} | {mb:,.0f} MB/s | {files:,.0f}/s | {cpu:,.0f} us |"
+        for label, (mb, files, cpu) in ceilings.items()
     )
     median = f", median of {args.repeat}" if args.repeat > 1 else ""
     body = f"""## keepstore vs nginx{f" ({args.label})" if args.label else ""} (`bench/http_bench.py`)
@@ -523,8 +557,8 @@ WebDAV PUT, no checksum, no fsync. PUTs write unique blocks; GETs read a fixed s
 Physical ceilings measured in the same run: md5 {md5_1:,.0f} MB/s on one thread, {md5_2:,.0f} MB/s on two;
 durable write (8 threads, write + fsync + rename + fsync dir, unique files):
 
-| block | durable-write ceiling |
-|---|---|
+| block | durable write | files | CPU per file (user + system) |
+|---|---|---|---|
 {ceiling_rows}
 
 | work | conns | server | throughput | p50 ms | p99 ms | server CPU (cores) | wrk CPU (cores) | peak RSS MiB |

@@ -39,11 +39,12 @@ def measure(work: Path, env: dict[str, str], duration: float, size: int) -> tupl
     cfg["Clusters"]["zzzzz"]["SystemLogs"]["LogLevel"] = "warn"
     srv = KeepServer(workdir=work, port=port, config=cfg, env=env).start()
     try:
-        blocks = Blocks(work, size, 200)
-        seed(srv.url, blocks, 200, USER_TOKEN)
+        blocks = Blocks(work, size)
+        first, stored = blocks.names(200)
+        seed(srv.url, blocks, first, stored, USER_TOKEN)
         names = work / "names"
-        names.write_text("\n".join(sign(f"{n}+{size}") for n in blocks.names[:200]) + "\n")
-        touch = srv.req("TOUCH", f"/{blocks.names[0]}+{size}", token=ROOT_TOKEN).status
+        names.write_text("\n".join(sign(f"{n}+{size}") for n in stored) + "\n")
+        touch = srv.req("TOUCH", f"/{stored[0]}+{size}", token=ROOT_TOKEN).status
         r = run_wrk(srv.url, "get.lua", names, size, 8, duration, USER_TOKEN, [srv.pid])
         assert r.errors == 0, r
         return r.rps, r.server_cpu, touch

@@ -1,5 +1,6 @@
 -- PUT unique blocks: body = <base (size-16 bytes)> .. <16 hex digits of a counter>; the path is the block's md5,
--- precomputed by bench/http_bench.py into $KS_BENCH_NAMES (one line per counter value). Each wrk thread takes
+-- precomputed by bench/http_bench.py into $KS_BENCH_NAMES (one line per counter value, from $KS_BENCH_FIRST on:
+-- every run gets counter values no other run uses, so nothing needs deleting between runs). Each wrk thread takes
 -- every T-th name, so no name is written twice unless the list runs out (counted in "wrapped").
 local threads = {}
 local counter = 0
@@ -12,6 +13,7 @@ end
 function init(args)
   nthreads = tonumber(os.getenv("KS_BENCH_THREADS"))
   size = tonumber(os.getenv("KS_BENCH_SIZE"))
+  first = tonumber(os.getenv("KS_BENCH_FIRST") or "0")
   token = os.getenv("KS_BENCH_TOKEN")
   names = {}
   for line in io.lines(os.getenv("KS_BENCH_NAMES")) do names[#names + 1] = line end
@@ -30,7 +32,7 @@ function request()
   local i = n % #names
   if n >= #names then wrapped = wrapped + 1 end
   n = n + nthreads
-  return "PUT /" .. names[i + 1] .. " HTTP/1.1\r\n" .. extra .. "\r\n" .. base .. string.format("%016x", i)
+  return "PUT /" .. names[i + 1] .. " HTTP/1.1\r\n" .. extra .. "\r\n" .. base .. string.format("%016x", first + i)
 end
 
 function done(summary, latency, requests)
