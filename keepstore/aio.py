@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import queue
+import threading
 from collections.abc import Callable
-from typing import ParamSpec, TypeVar
+from typing import Any, Generic, ParamSpec, TypeVar
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -36,3 +38,106 @@ async def run_blocking(
             except BaseException:
                 break
         raise
+
+
+class ThreadPool:
+    """Threads for a volume's blocking work, with the least machinery between them and the event loop.
+
+    ``run`` has :func:`run_blocking`'s contract (it returns, even when cancelled, only once the thread is done with
+    the job) at a fraction of its cost: a 4 KiB durable PUT spent more of its Python time handing its one write to
+    a ``ThreadPoolExecutor`` and back (locks, a semaphore, a concurrent Future chained to an asyncio one, a shield)
+    than anywhere else. Here the job goes on a SimpleQueue with the loop's own future, and the thread completes that
+    future through ``call_soon_threadsafe``. Jobs run in submission order on up to ``max_threads`` threads, started
+    as the number of jobs in flight requires (one thread: strictly one job at a time, in order).
+
+    Use one pool from one event loop at a time (its bookkeeping is done on the loop's thread).
+    """
+
+    def __init__(self, max_threads: int, name: str) -> None:
+        if max_threads < 1:
+            raise ValueError("max_threads must be at least 1")
+        self._max = max_threads
+        self._name = name
+        self._queue: queue.SimpleQueue[_PoolJob[Any] | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._in_flight = 0
+        self._closed = False
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._closed:
+            raise RuntimeError("thread pool is shut down")
+        loop = asyncio.get_running_loop()
+        job = _PoolJob(fn, args, loop)
+        self._in_flight += 1
+        if self._in_flight > len(self._threads) and len(self._threads) < self._max:
+            thread = threading.Thread(target=self._work, name=f"{self._name}_{len(self._threads)}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        self._queue.put(job)
+        try:
+            return await job.future
+        except asyncio.CancelledError:
+            # Cancelled while the thread may still read the caller's buffer or file: wait for it (bounded work).
+            while not job.finished:
+                job.waiter = loop.create_future()
+                try:
+                    await job.waiter
+                except asyncio.CancelledError:
+                    continue
+            raise
+        finally:
+            # Counted down here (on the loop's thread), once the thread is done with the job: job.future is
+            # completed, or job.finished set, only by _finished, which the thread schedules after the job.
+            self._in_flight -= 1
+
+    async def shutdown(self) -> None:
+        """Let queued jobs finish, then stop the threads."""
+        self._closed = True
+        threads, self._threads = self._threads, []
+        for _ in threads:
+            self._queue.put(None)
+
+        def join() -> None:
+            for thread in threads:
+                thread.join()
+
+        if threads:
+            await asyncio.get_running_loop().run_in_executor(None, join)
+
+    def _work(self) -> None:
+        get = self._queue.get
+        while (job := get()) is not None:
+            try:
+                value, error = job.fn(*job.args), None
+            except BaseException as exc:
+                value, error = None, exc
+            try:
+                job.loop.call_soon_threadsafe(_finished, job, value, error)
+            except RuntimeError:
+                pass  # the loop is closed: nobody waits for this job any more
+            del job, value, error
+
+
+class _PoolJob(Generic[T]):
+    __slots__ = ("args", "finished", "fn", "future", "loop", "waiter")
+
+    def __init__(self, fn: Callable[..., T], args: tuple[Any, ...], loop: asyncio.AbstractEventLoop) -> None:
+        self.fn = fn
+        self.args = args
+        self.loop = loop
+        self.future: asyncio.Future[T] = loop.create_future()
+        self.waiter: asyncio.Future[None] | None = None
+        self.finished = False
+
+
+def _finished(job: _PoolJob[Any], value: Any, error: BaseException | None) -> None:
+    job.finished = True
+    future = job.future
+    if not future.done():
+        if error is None:
+            future.set_result(value)
+        else:
+            future.set_exception(error)
+    waiter = job.waiter
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)

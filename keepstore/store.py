@@ -305,8 +305,21 @@ class Store:
             except KeepError:
                 pass
 
-        pending = result.copy()  # what result will be if every running write succeeds
         all_full = True
+        if len(order) == 1:
+            # One writable mount, the common case: no writes to run side by side, so no task and no wait set (the
+            # driver returns, even when cancelled, only once it no longer reads ``data``: see volumes.base).
+            mnt = order[0]
+            if not result.done() and result.want(mnt):
+                try:
+                    await mnt.volume.block_write(hash, data, checkpoints)
+                    result.add(mnt)
+                except Exception as exc:
+                    all_full = isinstance(exc, VolumeFull)
+                    log.warning("write failed", extra={"fields": {"hash": hash, "mount": mnt.uuid, "error": str(exc)}})
+            return self._written(hash, data, result, all_full)
+
+        pending = result.copy()  # what result will be if every running write succeeds
         running: dict[asyncio.Task[None], Mount] = {}
 
         async def settle(wait_for_one: bool) -> None:
@@ -342,7 +355,10 @@ class Store:
             if running:
                 # Cancelled: the writes still read ``data``; wait for them before the caller frees the buffer.
                 await _wait_uncancellable(list(running))
+        return self._written(hash, data, result, all_full)
 
+    @staticmethod
+    def _written(hash: str, data: memoryview, result: PutProgress, all_full: bool) -> WriteResult:
         if result.total > 0:
             return WriteResult(hash, len(data), result.total, {c: n for c, n in result.done_by_class.items() if n > 0})
         if all_full:

@@ -36,7 +36,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from ..aio import run_blocking
+from ..aio import ThreadPool
 from ..config import ConfigError, VolumeSpec
 from ..errors import BlockNotFound, KeepError, TooLarge, VolumeError, VolumeFull
 from ..hashing import PARALLEL_MIN, Checkpoints, Md5State, ShortRead, digest_segments, new_md5, segment_length
@@ -155,9 +155,7 @@ class DirectoryVolume(Volume):
         self.stats = VolumeStats()
         if not os.path.isdir(self.root):
             raise ConfigError(f"{spec.key_path}.DriverParameters.Root", f"{self.root} is not a directory")
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1 if params.serialize else threads, thread_name_prefix=f"vol-{spec.uuid[-5:]}"
-        )
+        self._threads = ThreadPool(1 if params.serialize else threads, f"vol-{spec.uuid[-5:]}")
         self._device_id = _device_id(self.root)
         self._inline_reads = bool(_RWF_NOWAIT)  # see _read_cached
         self._xattrs = hasattr(os, "setxattr")  # see _set_checkpoints
@@ -171,10 +169,10 @@ class DirectoryVolume(Volume):
         return self._device_id
 
     async def close(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
+        await self._threads.shutdown()
 
     def _run(self, fn: Callable[..., T], *args: Any) -> Coroutine[Any, Any, T]:
-        return run_blocking(self._executor, fn, *args)
+        return self._threads.run(fn, *args)
 
     # --- paths -----------------------------------------------------------------------------------------------
 
