@@ -150,9 +150,8 @@ class KeepRequestHandler(RequestHandler):
             self._message_tail = tail
 
     def _start_fast(self, serve: FastServe, message: RawRequestMessage, payload: StreamReader) -> None:
-        if self._keepalive_handle is not None:
-            self._keepalive_handle.cancel()  # not idle: no keep-alive timeout while the request runs
-            self._keepalive_handle = None
+        # The keep-alive timer stays as it is (cancelling and re-arming it cost a timer per request): should it
+        # fire while the request runs, _process_keepalive sees the request and looks again later.
         self.force_close_after = False
         exchange = FastExchange(self, message, payload)
         coro = self._run_fast(serve, exchange)
@@ -194,6 +193,14 @@ class KeepRequestHandler(RequestHandler):
         waiter = self._waiter
         if self._messages and waiter is not None and not waiter.done():
             waiter.set_result(None)  # what arrived meanwhile goes to aiohttp's loop, in order
+
+    def _process_keepalive(self) -> None:
+        if self._fast_task is not None and not self._force_close and self._keepalive_timeout > 0:
+            # aiohttp's own loop looks idle while a fast-path request runs; the connection is not.
+            loop = self._loop
+            self._keepalive_handle = loop.call_at(loop.time() + self._keepalive_timeout, self._process_keepalive)
+            return
+        super()._process_keepalive()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         task = self._fast_task
