@@ -493,6 +493,8 @@ def main() -> None:
                         runs = []
                         for _ in range(args.repeat):
                             if op == "PUT":
+                                if size >= LARGE:
+                                    srv.clear()  # repeats of a 64 MiB cell would fill the disk (a few files)
                                 first, names_path = blocks.names_file(budget)
                                 os.sync()
                                 r = run_wrk(
