@@ -7,6 +7,8 @@ leaves that loop parked while it runs. These run the real connection handler wit
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 
@@ -43,31 +45,36 @@ async def _get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> by
     return head.split(b"\r\n")[0] + b" " + body
 
 
+@contextlib.asynccontextmanager
+async def _connection(delay: float) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter, list[str]]]:
+    """A connection to a fresh server; on the way out, checks that the idle connection is closed by the server."""
+    listener, port, served = await _serve(delay)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        yield reader, writer, served
+        # Idle now: the keep-alive timeout closes the connection.
+        assert await asyncio.wait_for(reader.read(1), 10 * KEEPALIVE) == b""
+        writer.close()
+    finally:
+        listener.close()
+        await listener.wait_closed()
+
+
 def test_request_longer_than_keepalive_timeout_completes_and_idle_connection_closes() -> None:
     async def main() -> None:
-        listener, port, served = await _serve(delay=3 * KEEPALIVE)
-        try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        async with _connection(delay=3 * KEEPALIVE) as (reader, writer, served):
             # The second request runs while the keep-alive timer armed after the first one fires.
             assert await _get(reader, writer) == b"HTTP/1.1 200 OK ok"
             assert await _get(reader, writer) == b"HTTP/1.1 200 OK ok"
             assert await _get(reader, writer) == b"HTTP/1.1 200 OK ok"
             assert served == ["fast", "fast", "fast"]
-            # Idle now: the keep-alive timeout closes the connection.
-            assert await asyncio.wait_for(reader.read(1), 10 * KEEPALIVE) == b""
-            writer.close()
-        finally:
-            listener.close()
-            await listener.wait_closed()
 
     asyncio.run(main())
 
 
 def test_quick_requests_keep_the_connection_open_past_the_timeout() -> None:
     async def main() -> None:
-        listener, port, served = await _serve(delay=0)
-        try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        async with _connection(delay=0) as (reader, writer, served):
             loop = asyncio.get_running_loop()
             end = loop.time() + 4 * KEEPALIVE
             count = 0
@@ -76,10 +83,5 @@ def test_quick_requests_keep_the_connection_open_past_the_timeout() -> None:
                 count += 1
                 await asyncio.sleep(KEEPALIVE / 3)
             assert count >= 5 and served == ["fast"] * count
-            assert await asyncio.wait_for(reader.read(1), 10 * KEEPALIVE) == b""
-            writer.close()
-        finally:
-            listener.close()
-            await listener.wait_closed()
 
     asyncio.run(main())
