@@ -3,52 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import queue
 import threading
 from collections.abc import Callable
-from typing import Any, Generic, ParamSpec, TypeVar
+from typing import Any, Generic, TypeVar
 
-P = ParamSpec("P")
 T = TypeVar("T")
-
-
-async def run_blocking(
-    executor: concurrent.futures.Executor | None, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs
-) -> T:
-    """Run ``fn`` in ``executor`` and return its result.
-
-    If the calling task is cancelled, this still waits for the thread to finish before re-raising: a thread cannot
-    be stopped, and callers hand it pooled buffers and open files that must not be released or reused while it
-    runs. The work given to threads here is bounded (a disk read or write of at most one block), so the wait is too.
-    """
-    loop = asyncio.get_running_loop()
-    if kwargs:
-        fut = loop.run_in_executor(executor, lambda: fn(*args, **kwargs))
-    else:
-        fut = loop.run_in_executor(executor, fn, *args)
-    try:
-        return await asyncio.shield(fut)
-    except asyncio.CancelledError:
-        while not fut.done():
-            try:
-                await asyncio.shield(fut)
-            except asyncio.CancelledError:
-                continue
-            except BaseException:
-                break
-        raise
 
 
 class ThreadPool:
     """Threads for a volume's blocking work, with the least machinery between them and the event loop.
 
-    ``run`` has :func:`run_blocking`'s contract (it returns, even when cancelled, only once the thread is done with
-    the job) at a fraction of its cost: a 4 KiB durable PUT spent more of its Python time handing its one write to
-    a ``ThreadPoolExecutor`` and back (locks, a semaphore, a concurrent Future chained to an asyncio one, a shield)
-    than anywhere else. Here the job goes on a SimpleQueue with the loop's own future, and the thread completes that
-    future through ``call_soon_threadsafe``. Jobs run in submission order on up to ``max_threads`` threads, started
-    as the number of jobs in flight requires (one thread: strictly one job at a time, in order).
+    ``run`` returns, even when cancelled, only once the thread is done with the job: a thread cannot be stopped, and
+    callers hand it pooled buffers and open files that must not be released or reused while it runs (the work is
+    bounded: a disk read or write of at most one block, so the wait is too).
+
+    It costs a fraction of what ``ThreadPoolExecutor`` + ``asyncio.wrap_future`` + ``shield`` did: a 4 KiB durable
+    PUT spent more of its Python time handing its one write to such an executor and back than anywhere else. Here
+    the job goes on a SimpleQueue with the loop's own future, and the thread completes that future through
+    ``call_soon_threadsafe``. Jobs run in submission order on up to ``max_threads`` threads, started as the number
+    of jobs in flight requires (one thread: strictly one job at a time, in order).
 
     Use one pool from one event loop at a time (its bookkeeping is done on the loop's thread).
     """

@@ -10,7 +10,7 @@ only when touched, so a pool that served 4 KiB blocks costs a few KiB per buffer
 for a while are trimmed back (``BufferPool.trim``).
 
 Invariant for users: a buffer must not be released while any thread or transport still reads or writes it. Code
-that hands a buffer to a thread uses :func:`keepstore.aio.run_blocking`, which does not return (even when cancelled)
+that hands a buffer to a thread uses :class:`keepstore.aio.ThreadPool`, which does not return (even when cancelled)
 before the thread has finished.
 """
 

@@ -12,7 +12,7 @@ many threads as there are CPUs, which is what keepstore did before the engine ex
 
 Contract for callers: a buffer handed to the engine is read until the returned future is done, so it must not be
 released or reused before then. :func:`hash_into` waits for that even when cancelled (it asks the engine to drop
-the job at its next round, a few milliseconds at most), as :func:`keepstore.aio.run_blocking` does for threads.
+the job at its next round, a few milliseconds at most), as :class:`keepstore.aio.ThreadPool` does for threads.
 Small inputs are hashed inline: a hop to another thread costs more than hashing 64 KiB.
 """
 

@@ -1,15 +1,11 @@
-"""The bounded buffer pool (SPEC §6.2) and keepstore.aio.run_blocking."""
+"""The bounded buffer pool (SPEC §6.2)."""
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import threading
-import time
 
 import pytest
 
-from keepstore.aio import run_blocking
 from keepstore.buffers import Buffer, BufferPool
 from keepstore.locator import BLOCK_SIZE
 
@@ -266,81 +262,5 @@ def test_no_leak_under_mixed_load_with_cancellations() -> None:
         assert a is not b
         pool.release(a)
         pool.release(b)
-
-    asyncio.run(main())
-
-
-# --- run_blocking ------------------------------------------------------------------------------------------------
-
-
-def test_run_blocking_returns_result_and_raises_errors() -> None:
-    def add(a: int, b: int = 0) -> int:
-        return a + b
-
-    def fail() -> None:
-        raise KeyError("boom")
-
-    async def main() -> None:
-        with concurrent.futures.ThreadPoolExecutor(1) as ex:
-            assert await run_blocking(ex, add, 1, 2) == 3
-            assert await run_blocking(ex, add, 1, b=5) == 6
-            assert await run_blocking(None, add, 4) == 4
-            with pytest.raises(KeyError):
-                await run_blocking(ex, fail)
-
-    asyncio.run(main())
-
-
-def test_run_blocking_waits_for_thread_when_cancelled() -> None:
-    started = threading.Event()
-    release = threading.Event()
-    finished = threading.Event()
-
-    def work() -> str:
-        started.set()
-        release.wait(10)
-        time.sleep(0.02)
-        finished.set()
-        return "done"
-
-    async def main() -> None:
-        with concurrent.futures.ThreadPoolExecutor(1) as ex:
-            task = asyncio.create_task(run_blocking(ex, work))
-            while not started.is_set():
-                await asyncio.sleep(0.001)
-            task.cancel()
-            await asyncio.sleep(0.05)
-            assert not task.done(), "run_blocking returned while its thread was still running"
-            task.cancel()  # a second cancellation does not cut the wait short either
-            await asyncio.sleep(0.05)
-            assert not task.done()
-            release.set()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-            assert finished.is_set()
-
-    asyncio.run(main())
-
-
-def test_run_blocking_cancelled_thread_error_still_cancels() -> None:
-    started = threading.Event()
-    release = threading.Event()
-
-    def work() -> None:
-        started.set()
-        release.wait(10)
-        raise OSError("disk on fire")
-
-    async def main() -> None:
-        with concurrent.futures.ThreadPoolExecutor(1) as ex:
-            task = asyncio.create_task(run_blocking(ex, work))
-            while not started.is_set():
-                await asyncio.sleep(0.001)
-            task.cancel()
-            await asyncio.sleep(0.02)
-            assert not task.done()
-            release.set()
-            with pytest.raises(asyncio.CancelledError):
-                await task
 
     asyncio.run(main())

@@ -1,4 +1,4 @@
-"""keepstore.aio.ThreadPool: the volumes' threads (same contract as run_blocking, less machinery)."""
+"""keepstore.aio.ThreadPool: the volumes' threads. run() returns, even when cancelled, only once its thread is done."""
 
 from __future__ import annotations
 
@@ -137,3 +137,28 @@ def test_shutdown_lets_queued_jobs_finish_then_refuses_new_ones() -> None:
 def test_rejects_a_pool_without_threads() -> None:
     with pytest.raises(ValueError):
         ThreadPool(0, "none")
+
+
+def test_cancelled_run_whose_thread_fails_still_ends_cancelled() -> None:
+    started = threading.Event()
+    release = threading.Event()
+
+    def work() -> None:
+        started.set()
+        release.wait(10)
+        raise OSError("disk on fire")
+
+    async def main() -> None:
+        pool = ThreadPool(1, "f")
+        task = asyncio.create_task(pool.run(work))
+        while not started.is_set():
+            await asyncio.sleep(0.001)
+        task.cancel()
+        await asyncio.sleep(0.02)
+        assert not task.done()
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await pool.shutdown()
+
+    asyncio.run(main())
