@@ -78,6 +78,9 @@ class BufferPool:
         finally:
             self.release(buf)
 
+    def would_wait(self) -> bool:
+        return bool(self._waiters) or (not self._free and self._allocated >= self.max_buffers)
+
     async def acquire(self) -> Buffer:
         """Return a buffer, waiting (cancellably, FIFO) while all are in use."""
         if not self._waiters:

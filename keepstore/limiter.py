@@ -40,6 +40,9 @@ class RequestLimiter:
             counts["high" if -w.key[0] > 0 else "normal"] += 1
         return counts
 
+    def would_wait(self) -> bool:
+        return 0 < self.max_concurrent <= self.active or bool(self._queue)
+
     async def acquire(self, priority: int = 0) -> None:
         if self.max_concurrent <= 0:
             self.active += 1

@@ -132,6 +132,11 @@ class Exchange(ABC):
     async def send_continue(self) -> None:
         """Send ``100 Continue`` (the client waits for it before sending the body)."""
 
+    @abstractmethod
+    def pace_body(self, full: bool) -> None:
+        """Take the request body off the socket at full speed (``full``: a buffer is ready for it) or in small
+        steps that stop early (the request waits; most of its body stays in the kernel's socket buffer)."""
+
 
 Handler = Callable[["Call", "re.Match[str]"], Awaitable[Reply | None]]
 
@@ -259,6 +264,11 @@ class AiohttpExchange(Exchange):
     async def send_continue(self) -> None:
         await self._request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
+    def pace_body(self, full: bool) -> None:
+        pace = getattr(self._request.protocol, "pace_body", None)  # keepstore.http.protocol.KeepRequestHandler
+        if pace is not None:
+            pace(self._request.content, full)
+
 
 _LOC = r"(?P<loc>[0-9a-f]{32}.*)"
 
@@ -382,6 +392,8 @@ class KeepHTTP:
         try:
             handler, match = self.router.match(call.request.method, path)
             limiter = self.service.limiter
+            if limiter.would_wait():
+                call.exchange.pace_body(False)
             await limiter.acquire(limiter.priority(call.request.headers))
             try:
                 return await self._timed(handler, call, match)

@@ -95,7 +95,11 @@ async def write(call: Call, match: re.Match[str]) -> Reply:
         raise TooLarge()
     classes = [c.strip() for c in request.headers.get("X-Keep-Storage-Classes", "").split(",") if c.strip()]
     locator_path = match["loc"]
+    exchange = call.exchange
+    if svc.pool.would_wait():
+        exchange.pace_body(False)
     async with svc.pool.buffer() as buf:
+        exchange.pace_body(True)
         stream = None
         if declared is None or declared >= STREAM_MIN:
             # A large body goes to disk while it arrives (on the mount it is headed for, under the hash the URL
@@ -105,7 +109,7 @@ async def write(call: Call, match: re.Match[str]) -> Reply:
         try:
             if request.headers.get("Expect", "").lower() == "100-continue":
                 # Only now that a buffer is ours do we ask for the body (as upstream does).
-                await call.exchange.send_continue()
+                await exchange.send_continue()
             pipe = WriterPipe(buf.view, stream[1]) if stream is not None else None
             body = await _receive(call, buf.view, pipe, declared)
             size, computed = body.size, body.md5
@@ -123,6 +127,7 @@ async def write(call: Call, match: re.Match[str]) -> Reply:
                     pass  # the normal write below tries this mount again, or the next one
             result = await svc.store.write(computed, buf.view[:size], classes, done=done, checkpoints=body.checkpoints)
         finally:
+            exchange.pace_body(False)  # whatever comes next on this connection has no buffer yet
             if stream is not None and not committed:
                 await stream[1].abort()
     tokens = request_tokens(request)

@@ -147,6 +147,9 @@ class FastExchange(Exchange):
     async def send_continue(self) -> None:
         self._write(b"HTTP/1.1 100 Continue\r\n\r\n")  # never needed: qualifies() leaves Expect to aiohttp
 
+    def pace_body(self, full: bool) -> None:
+        pass  # qualifies() takes only requests whose whole body has arrived
+
     def _write(self, data: bytes | memoryview) -> None:
         transport = self.protocol.transport
         if transport is None or transport.is_closing():

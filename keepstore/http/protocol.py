@@ -45,6 +45,15 @@ _METHODS = ("_pause_reading_for_buffer", "_process_keepalive", "_drain_helper")
 
 EXTENSION_METHODS = (b"TOUCH ",)
 
+# How much a connection takes off its socket per read, and how much of a request body may pile up in the process
+# before reading pauses: asyncio's and aiohttp's defaults (256 KiB reads, pause past 128 KiB) once the body has a
+# buffer to go into (Exchange.pace_body), far less until then. 64 clients sending 64 MiB blocks to 8 buffers leave
+# 56 bodies waiting: at the defaults each holds up to 384 KiB of heap, 21 MiB in all; this way at most 96 KiB.
+BODY_READ_SIZE = 256 * 1024
+BODY_HIGH_WATER = 128 * 1024
+IDLE_READ_SIZE = 64 * 1024
+WAITING_BODY_HIGH_WATER = 32 * 1024
+
 
 class _FallbackParser:
     """Feeds the C parser; on an extension method at a request boundary, hands the connection to the Python one."""
@@ -95,6 +104,25 @@ class KeepRequestHandler(RequestHandler):
         self._fast_serve: FastServe | None = getattr(manager, "fast", None) if _fast_path_usable(self) else None
         self._fast_task: asyncio.Task[None] | None = None
         self.force_close_after = False  # set by the fast path's exchange: close once its response is out
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._set_read_size(IDLE_READ_SIZE)
+
+    def pace_body(self, payload: StreamReader, full: bool) -> None:
+        """See :meth:`keepstore.http.app.Exchange.pace_body`."""
+        self._set_read_size(BODY_READ_SIZE if full else IDLE_READ_SIZE)
+        if payload is EMPTY_PAYLOAD or not hasattr(payload, "_high_water"):
+            return
+        # Reading pauses once the high-water mark is passed, and resumes when the handler reads below half of it.
+        high = BODY_HIGH_WATER if full else WAITING_BODY_HIGH_WATER
+        payload._low_water, payload._high_water = high // 2, high
+
+    def _set_read_size(self, size: int) -> None:
+        transport = self.transport
+        # asyncio's socket transports read max_size bytes per recv(); other transports (TLS) keep their own.
+        if transport is not None and hasattr(transport, "max_size"):
+            transport.max_size = size
 
     # --- the fast path (keepstore.http.fast) ---------------------------------------------------------------------
 
@@ -262,6 +290,8 @@ class KeepServer(web.Server):
     """``web.Server`` whose connections use :class:`KeepRequestHandler`; ``fast`` serves the fast path."""
 
     def __init__(self, handler: Any, *, fast: FastServe | None = None, **kwargs: Any) -> None:
+        # Every body starts out as one that waits: aiohttp's payload limit sets its high-water mark at twice this.
+        kwargs.setdefault("read_bufsize", WAITING_BODY_HIGH_WATER // 2)
         super().__init__(handler, **kwargs)
         self.fast = fast
 
