@@ -11,10 +11,13 @@ What it does, all on 127.0.0.1 and on the disk that holds this repository:
   advance), so both servers create a new file per request, as in real use; GET: a fixed set of stored blocks, read
   round-robin (page cache warm). Every run writes blocks no earlier run wrote, so nothing is deleted between runs
   (except the few large files of 64 MiB cells): on ext4 without a journal, creating files is slow for minutes after
-  a mass deletion (recently deleted inodes are skipped), which would penalise whichever server runs next. For the
-  same reason, start a run a few minutes after the test suite or another run has deleted many files;
+  a mass deletion (recently deleted inodes are skipped), which would penalise whichever server runs next. So a run
+  leaves its files in place; the next run deletes them first, syncs, and waits ``--settle`` seconds (65) before it
+  measures anything. For the same reason, start a run a few minutes after the test suite;
 * measures md5 speed (1 and 2 threads) and the durable-write ceiling (8 threads: write, fsync, rename, fsync the
-  directory; unique files) in the same run: where nginx is above those, they are the real target;
+  directory; unique files) in the same run: where nginx is above those, they are the real target. For blocks up to
+  1 MiB it also measures the same durable write done by group commit (batches of 8: write, syncfs, rename, syncfs),
+  which is how keepstore writes them (``--group-commit off`` runs keepstore file by file instead, for comparison);
 * reports throughput, p50/p99 latency, server and wrk CPU (cores), and the server's peak RSS; keepstore/nginx
   ratios; writes the tables to docs/benchmarks.md (section "http", or "http-<label>" with --label).
 """
@@ -53,7 +56,12 @@ from bench.report import machine, write_section  # noqa: E402
 
 SIZES = {"4 KiB": 4 << 10, "1 MiB": 1 << 20, "64 MiB": 64 << 20}
 PUT_RATE_CAP = {4 << 10: 25_000, 1 << 20: 3_000, 64 << 20: 60}  # PUTs/s no server here comes near (name budget)
-LARGE = 64 << 20  # PUT cells of this size are deleted after each cell; smaller ones stay until the run ends
+LARGE = 64 << 20  # PUT cells of this size are deleted after each cell; smaller ones stay until the next run
+GROUP_COMMIT_MAX = 1 << 20  # as keepstore.volumes.directory.GROUP_COMMIT_MAX: the sizes with a group-commit ceiling
+GROUP_CEILING_BATCH = 8
+# ext4 without a journal does not reuse inodes freed in the last 60 s (300 s while their inode-table blocks are
+# dirty; os.sync() cleans them): creating files is slow until then.
+SETTLE_SECONDS = 65.0
 LUA = ROOT / "bench" / "lua"
 CLK = os.sysconf("SC_CLK_TCK")
 
@@ -162,7 +170,7 @@ http {{
 
 
 class Keepstore:
-    def __init__(self, work: Path, buffers: int, workers: int, src: str = "") -> None:
+    def __init__(self, work: Path, buffers: int, workers: int, src: str = "", group_commit: bool = True) -> None:
         self.work = work / "keepstore"
         self.work.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -172,6 +180,8 @@ class Keepstore:
         )
         cfg["Clusters"]["zzzzz"]["SystemLogs"]["LogLevel"] = "warn"
         cfg["Clusters"]["zzzzz"]["KeepstorePy"] = {"Workers": workers}
+        if not group_commit:
+            cfg["Clusters"]["zzzzz"]["KeepstorePy"]["GroupCommit"] = False  # (older trees do not know the key)
         env = {"PYTHONPATH": str(Path(src).resolve())} if src else {}
         self.server = KeepServer(workdir=self.work, port=self.port, config=cfg, env=env).start()
         self.url = self.server.url
@@ -380,22 +390,54 @@ def md5_speed(threads: int, seconds: float = 2.0) -> float:
     return sum(done) / (time.monotonic() - t0) / 1e6
 
 
-def durable_write_ceiling(work: Path, size: int, seconds: float = 4.0, threads: int = 8) -> tuple[float, float, float]:
+def durable_write_ceiling(
+    work: Path, size: int, seconds: float = 4.0, threads: int = 8, group: int = 0
+) -> tuple[float, float, float]:
     """(MB/s, files/s, CPU us per file) for write + fsync + rename + fsync(dir) of unique files, ``threads`` at a time.
 
     The CPU (user + system, of this process) says how much of the two cores the durable write alone takes: on a
     small block it is mostly the kernel's, and a server that writes durably has only what is left for HTTP.
 
+    With ``group``, each thread writes that many files at a time the way keepstore's group commit does (write them
+    all, syncfs, rename them all, syncfs): the same durability per file, fewer flushes.
+
     Files are spread over 256 subdirectories, as a directory volume spreads blocks over <hash[0:3]>/ ones (all
     writers fsyncing one directory would measure that directory's lock, not the disk).
     """
-    d = work / f"ceiling-{size}"  # left in place until the end of the run (see main: no deletions mid-run)
+    d = work / f"ceiling-{size}{f'-group{group}' if group else ''}"  # left in place (see main: no deletions)
     d.mkdir()
     for sub in range(256):
         (d / f"{sub:03x}").mkdir()
     data = os.urandom(size)
     counts = [0] * threads
     stop = time.monotonic() + seconds
+
+    def group_(i: int) -> None:
+        import ctypes
+
+        syncfs = ctypes.CDLL(None, use_errno=True).syncfs
+        root = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        n = 0
+        while time.monotonic() < stop:
+            pairs = []
+            for _ in range(group):
+                sub = d / f"{(i * 7919 + n) % 256:03x}"
+                tmp, final = sub / f"tmp{i}-{n}", sub / f"f{i}-{n}"
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.close(fd)
+                pairs.append((tmp, final))
+                n += 1
+            if syncfs(root) != 0:
+                raise OSError(ctypes.get_errno(), "syncfs")
+            for tmp, final in pairs:
+                os.rename(tmp, final)
+            if syncfs(root) != 0:
+                raise OSError(ctypes.get_errno(), "syncfs")
+        os.close(root)
+        counts[i] = n
 
     def work_(i: int) -> None:
         n = 0
@@ -415,7 +457,7 @@ def durable_write_ceiling(work: Path, size: int, seconds: float = 4.0, threads: 
             n += 1
         counts[i] = n
 
-    ts = [threading.Thread(target=work_, args=(i,)) for i in range(threads)]
+    ts = [threading.Thread(target=group_ if group else work_, args=(i,)) for i in range(threads)]
     t0 = time.monotonic()
     cpu0 = os.times()
     for t in ts:
@@ -450,21 +492,43 @@ def main() -> None:
         "--src", default="", help="run keepstore from this source tree (e.g. a git worktree of an older commit)"
     )
     ap.add_argument("--work", default=str(ROOT / "bench" / ".work"), help="scratch directory (same disk!)")
+    ap.add_argument(
+        "--group-commit", choices=("on", "off"), default="on", help="keepstore's KeepstorePy.GroupCommit (default on)"
+    )
+    ap.add_argument(
+        "--settle",
+        type=float,
+        default=SETTLE_SECONDS,
+        help=f"seconds to wait after deleting an earlier run's files, before measuring (default {SETTLE_SECONDS:.0f})",
+    )
     args = ap.parse_args()
     ensure_tools()
     sizes = [s.strip() for s in args.sizes.split(",")]
     concs = [int(c) for c in args.conc.split(",")]
     ops = [o.strip().upper() for o in args.ops.split(",")]
     work = Path(args.work)
-    shutil.rmtree(work, ignore_errors=True)
+    if work.exists():
+        # The files of the previous run are deleted now, not at its end: then let the file system settle (see the
+        # module docstring) so that the deletion does not slow this run's creates.
+        print(f"deleting the previous run's files in {work} ...", flush=True)
+        shutil.rmtree(work, ignore_errors=True)
+        os.sync()
+        if args.settle > 0:
+            print(f"waiting {args.settle:.0f} s for the file system to settle after the deletion ...", flush=True)
+            time.sleep(args.settle)
     work.mkdir(parents=True)
 
     print("measuring ceilings ...", flush=True)
     md5_1, md5_2 = md5_speed(1), md5_speed(2)
     ceilings = {label: durable_write_ceiling(work, size) for label, size in SIZES.items() if label in sizes}
+    grouped = {
+        label: durable_write_ceiling(work, size, group=GROUP_CEILING_BATCH)
+        for label, size in SIZES.items()
+        if label in sizes and size <= GROUP_COMMIT_MAX
+    }
 
     nginx = Nginx(work)
-    ks = Keepstore(work, args.buffers, args.workers, args.src)
+    ks = Keepstore(work, args.buffers, args.workers, args.src, args.group_commit == "on")
     rows: list[str] = []
     ratios: list[str] = []
     try:
@@ -544,24 +608,33 @@ def main() -> None:
     finally:
         ks.stop()
         nginx.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        # The blocks stay in ``work`` until the next run deletes them (before it waits for the file system to
+        # settle): a deletion here would slow whatever runs next on this disk, the test suite included.
 
     ceiling_rows = "\n".join(
-        f"| {label} | {mb:,.0f} MB/s | {files:,.0f}/s | {cpu:,.0f} us |" for label, (mb, files, cpu) in ceilings.items()
+        f"| {label} | file by file | {mb:,.0f} MB/s | {files:,.0f}/s | {cpu:,.0f} us |"
+        for label, (mb, files, cpu) in ceilings.items()
+    )
+    ceiling_rows += "".join(
+        f"\n| {label} | group commit, {GROUP_CEILING_BATCH} files per syncfs pair | {mb:,.0f} MB/s | {files:,.0f}/s "
+        f"| {cpu:,.0f} us |"
+        for label, (mb, files, cpu) in grouped.items()
     )
     median = f", median of {args.repeat}" if args.repeat > 1 else ""
     body = f"""## keepstore vs nginx{f" ({args.label})" if args.label else ""} (`bench/http_bench.py`)
 
 {machine(args.src)}. wrk {args.duration:.0f} s per cell (longer where few requests would complete){median};
-keepstore: one directory volume, fsync on, every GET verified, MaxKeepBlobBuffers {args.buffers},
+keepstore: one directory volume, fsync on, every GET verified, group commit {args.group_commit},
+MaxKeepBlobBuffers {args.buffers},
 {args.workers or os.cpu_count()} worker processes; nginx: one worker,
 WebDAV PUT, no checksum, no fsync. PUTs write unique blocks; GETs read a fixed stored set (page cache warm).
 
 Physical ceilings measured in the same run: md5 {md5_1:,.0f} MB/s on one thread, {md5_2:,.0f} MB/s on two;
-durable write (8 threads, write + fsync + rename + fsync dir, unique files):
+durable write (8 threads, unique files; file by file: write + fsync + rename + fsync dir; group commit, as
+keepstore does it for blocks up to 1 MiB: write a batch, syncfs, rename the batch, syncfs):
 
-| block | durable write | files | CPU per file (user + system) |
-|---|---|---|---|
+| block | how | durable write | files | CPU per file (user + system) |
+|---|---|---|---|---|
 {ceiling_rows}
 
 | work | conns | server | throughput | p50 ms | p99 ms | server CPU (cores) | wrk CPU (cores) | peak RSS MiB |

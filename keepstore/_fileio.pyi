@@ -10,3 +10,8 @@ def write_block(
     xattr_value: bytes | None,
     /,
 ) -> int: ...
+def write_group(
+    root_fd: int,
+    items: list[tuple[str, str, str, bytes | memoryview, str, bytes | None]],
+    /,
+) -> list[int | OSError]: ...

@@ -92,6 +92,59 @@ class ThreadPool:
             del job, value, error
 
 
+class BatchingThreadPool(ThreadPool):
+    """A ThreadPool whose threads take every job queued (up to ``max_batch``) and run them in one call.
+
+    ``batch(jobs)`` gets the argument tuples of the jobs, in submission order, and returns one entry per job: its
+    value, or a BaseException instance to raise from that job's ``run``. While a batch runs, new jobs queue up and
+    form the next one, so batches grow with the load by themselves and a lone job never waits for company. ``run``
+    keeps ThreadPool's contract (``fn`` is not used): it returns, even when cancelled, only once its batch is done.
+    """
+
+    def __init__(
+        self, batch: Callable[[list[tuple[Any, ...]]], list[Any]], max_threads: int, name: str, max_batch: int = 64
+    ) -> None:
+        super().__init__(max_threads, name)
+        self._batch = batch
+        self._max_batch = max_batch
+
+    async def submit(self, *args: Any) -> Any:
+        """Queue one job with these arguments; its entry in the batch's results."""
+        return await self.run(_in_batch, *args)
+
+    def _work(self) -> None:
+        get, get_nowait = self._queue.get, self._queue.get_nowait
+        stop = False
+        while not stop and (job := get()) is not None:
+            jobs = [job]
+            while len(jobs) < self._max_batch:
+                try:
+                    more = get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:  # shutdown: this thread's stop mark; finish the batch first
+                    stop = True
+                    break
+                jobs.append(more)
+            try:
+                results = self._batch([j.args for j in jobs])
+                if len(results) != len(jobs):
+                    raise RuntimeError(f"batch returned {len(results)} results for {len(jobs)} jobs")
+            except BaseException as exc:
+                results = [exc] * len(jobs)
+            for j, result in zip(jobs, results, strict=True):
+                error = result if isinstance(result, BaseException) else None
+                try:
+                    j.loop.call_soon_threadsafe(_finished, j, None if error is not None else result, error)
+                except RuntimeError:
+                    pass  # the loop is closed: nobody waits for this job any more
+            del job, jobs, results
+
+
+def _in_batch(*args: Any) -> Any:
+    raise AssertionError("a batched job runs as part of its batch")  # pragma: no cover
+
+
 class _PoolJob(Generic[T]):
     __slots__ = ("args", "finished", "fn", "future", "loop", "waiter")
 

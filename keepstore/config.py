@@ -103,6 +103,7 @@ class Config:
     pull_connect_timeout: float = 5.0
     pull_read_timeout: float = 60.0
     workers: int = 0  # worker processes; 0 = one per CPU (see keepstore.multiproc)
+    group_commit: bool = True  # small Directory-volume writes share syncfs calls (see keepstore.volumes.directory)
     source: str = ""
     warnings: tuple[str, ...] = ()
 
@@ -203,7 +204,13 @@ def _kind(value: Any) -> str:
 # Unknown-key detection
 
 _OWN_KEYS: dict[str, Any] = {
-    "KeepstorePy": {"DrainTimeout": None, "PullConnectTimeout": None, "PullReadTimeout": None, "Workers": None},
+    "KeepstorePy": {
+        "DrainTimeout": None,
+        "PullConnectTimeout": None,
+        "PullReadTimeout": None,
+        "Workers": None,
+        "GroupCommit": None,
+    },
 }
 
 
@@ -345,6 +352,7 @@ def from_document(doc: Any, source: str, env: Mapping[str, str]) -> Config:
         pull_connect_timeout=own.duration("PullConnectTimeout", 5.0),
         pull_read_timeout=own.duration("PullReadTimeout", 60.0),
         workers=own.integer("Workers", 0, minimum=0),
+        group_commit=own.boolean("GroupCommit", True),
         source=source,
         warnings=tuple(warnings),
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from ..config import Config, ConfigError, VolumeSpec
@@ -43,5 +44,5 @@ def _parse(spec: VolumeSpec) -> DirectoryParameters:
 
 
 def open_volume(spec: VolumeSpec, config: Config) -> Volume:
-    params = _parse(spec)
+    params = dataclasses.replace(_parse(spec), group_commit=config.group_commit)
     return DirectoryVolume(spec, params)

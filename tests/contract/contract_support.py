@@ -58,7 +58,8 @@ class VolumeFactory(ABC):
 class DirectoryFactory(VolumeFactory):
     name = "directory"
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, group_commit: bool = False) -> None:
+        self.group_commit = group_commit
         self.root = tmp_path / "directory-volume"
         self.root.mkdir()
         self.spec = VolumeSpec(
@@ -69,7 +70,9 @@ class DirectoryFactory(VolumeFactory):
         )
 
     def new_volume(self) -> Volume:
-        return DirectoryVolume(self.spec, DirectoryParameters(root=str(self.root)))
+        vol = DirectoryVolume(self.spec, DirectoryParameters(root=str(self.root), group_commit=self.group_commit))
+        assert vol.group_commit == self.group_commit, "group commit is not supported here (needs Linux 5.8+)"
+        return vol
 
     async def corrupt(self, vol: Volume, hash: str) -> None:
         path = self.root / hash[:3] / hash
@@ -79,10 +82,12 @@ class DirectoryFactory(VolumeFactory):
         path.write_bytes(bytes(data))
 
 
-DRIVERS = ["directory"]
+DRIVERS = ["directory", "directory-group-commit"]
 
 
 def make_factory(driver: str, tmp_path: Path) -> VolumeFactory:
     if driver == "directory":
         return DirectoryFactory(tmp_path)
+    if driver == "directory-group-commit":
+        return DirectoryFactory(tmp_path, group_commit=True)
     raise AssertionError(f"unknown driver {driver}")

@@ -7,14 +7,17 @@ import re
 import socket
 import time
 
+import pytest
 from keeptest import (
     ROOT_TOKEN,
     SIGNING_KEY,
     TTL,
     USER_TOKEN,
     KeepServer,
+    ServerFactory,
     md5,
     raw_exchange,
+    sign,
     stored_files,
     temp_files,
     vol_uuid,
@@ -261,3 +264,19 @@ def test_big_put_goes_elsewhere_when_first_volume_full(server: KeepServer) -> No
     assert h in stored_files(server.volume_root(1 - first))
     assert h not in stored_files(server.volume_root(first))
     assert server.get(r.text.strip(), timeout=60).body == data
+
+
+@pytest.mark.parametrize("group_commit", [True, False])
+def test_small_blocks_are_group_committed_unless_turned_off(server_factory: ServerFactory, group_commit: bool) -> None:
+    srv = server_factory(volumes=1, extra={"KeepstorePy": {"GroupCommit": group_commit}})
+    blocks = [os.urandom(4096) for _ in range(4)]
+    assert [srv.put(b).status for b in blocks] == [200] * 4
+    syncfs = re.findall(r'arvados_keepstore_volume_operations\{[^}]*operation="syncfs"[^}]*\} (\d+)', srv.metrics())
+    fsync_path = re.findall(r'operation="create"[^}]*\} (\d+)', srv.metrics())
+    assert fsync_path and int(fsync_path[0]) >= 4
+    if group_commit:
+        assert syncfs and 2 <= int(syncfs[0]) <= 8  # two syncfs calls per group of one or more blocks
+    else:
+        assert not syncfs
+    for b in blocks:
+        assert srv.get(sign(f"{md5(b)}+{len(b)}")).body == b

@@ -702,3 +702,11 @@ def test_check_config_prints_settings_with_secrets_masked(tmp_path: Path) -> Non
     for secret in ("rootsecret0123456789", "mgmtsecret0123456789", "signsecret0123456789"):
         assert secret not in proc.stdout + proc.stderr
     assert "system_root_token: (set, 20 characters)" in proc.stdout
+
+
+def test_group_commit_is_on_unless_turned_off() -> None:
+    assert load(make_doc()).group_commit is True
+    c = load(with_key(make_doc(), "KeepstorePy.GroupCommit", False))
+    assert c.group_commit is False and c.warnings == ()
+    msg = error(with_key(make_doc(), "KeepstorePy.GroupCommit", "yes"))
+    assert msg.startswith("Clusters.zzzzz.KeepstorePy.GroupCommit: ")

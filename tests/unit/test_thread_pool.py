@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from keepstore.aio import ThreadPool
+from keepstore.aio import BatchingThreadPool, ThreadPool
 
 
 def test_returns_results_and_raises_errors() -> None:
@@ -159,6 +159,105 @@ def test_cancelled_run_whose_thread_fails_still_ends_cancelled() -> None:
         release.set()
         with pytest.raises(asyncio.CancelledError):
             await task
+        await pool.shutdown()
+
+    asyncio.run(main())
+
+
+# --- BatchingThreadPool ------------------------------------------------------------------------------------------
+
+
+class _Gate:
+    """A batch function that records its batches and holds the first one until ``open`` is called."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[object, ...]]] = []
+        self.taken = threading.Event()
+        self.released = threading.Event()
+
+    def __call__(self, jobs: list[tuple[object, ...]]) -> list[object]:
+        self.batches.append(jobs)
+        self.taken.set()
+        self.released.wait(10)
+        return [KeyError(job[0]) if job[0] == "bad" else f"done {job[0]}" for job in jobs]
+
+
+async def _until(event: threading.Event) -> None:
+    for _ in range(1000):
+        if event.is_set():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("the batch thread never took the first job")
+
+
+def test_jobs_queued_while_a_batch_runs_form_the_next_batch_and_get_their_own_results() -> None:
+    gate = _Gate()
+
+    async def main() -> None:
+        pool = BatchingThreadPool(gate, 1, "b")
+        first = asyncio.ensure_future(pool.submit("a"))
+        await _until(gate.taken)
+        rest = [asyncio.ensure_future(pool.submit(x)) for x in ("b", "bad", "c")]
+        await asyncio.sleep(0.05)
+        gate.released.set()
+        assert await first == "done a"
+        assert await rest[0] == "done b"
+        with pytest.raises(KeyError):
+            await rest[1]  # an error entry fails its own job only
+        assert await rest[2] == "done c"
+        await pool.shutdown()
+
+    asyncio.run(main())
+    assert gate.batches == [[("a",)], [("b",), ("bad",), ("c",)]]
+
+
+def test_batches_are_capped() -> None:
+    gate = _Gate()
+
+    async def main() -> None:
+        pool = BatchingThreadPool(gate, 1, "b", max_batch=2)
+        first = asyncio.ensure_future(pool.submit(0))
+        await _until(gate.taken)
+        rest = [asyncio.ensure_future(pool.submit(i)) for i in range(1, 6)]
+        await asyncio.sleep(0.05)
+        gate.released.set()
+        assert await asyncio.gather(first, *rest) == [f"done {i}" for i in range(6)]
+        await pool.shutdown()
+
+    asyncio.run(main())
+    assert [len(b) for b in gate.batches] == [1, 2, 2, 1]
+
+
+def test_a_failing_batch_fails_each_of_its_jobs() -> None:
+    def broken(jobs: list[tuple[object, ...]]) -> list[object]:
+        raise OSError("disk on fire")
+
+    def short(jobs: list[tuple[object, ...]]) -> list[object]:
+        return []
+
+    async def main() -> None:
+        for fn, error in ((broken, OSError), (short, RuntimeError)):
+            pool = BatchingThreadPool(fn, 2, "b")
+            results = await asyncio.gather(*(pool.submit(i) for i in range(5)), return_exceptions=True)
+            assert [type(r) for r in results] == [error] * 5
+            await pool.shutdown()
+
+    asyncio.run(main())
+
+
+def test_cancelled_batched_job_returns_only_once_its_batch_is_done() -> None:
+    gate = _Gate()
+
+    async def main() -> None:
+        pool = BatchingThreadPool(gate, 1, "b")
+        job = asyncio.ensure_future(pool.submit("a"))
+        await _until(gate.taken)
+        job.cancel()
+        await asyncio.sleep(0.05)
+        assert not job.done()  # the batch still reads what the job handed it
+        gate.released.set()
+        with pytest.raises(asyncio.CancelledError):
+            await job
         await pool.shutdown()
 
     asyncio.run(main())
