@@ -506,7 +506,7 @@ def main() -> None:
     sizes = [s.strip() for s in args.sizes.split(",")]
     concs = [int(c) for c in args.conc.split(",")]
     ops = [o.strip().upper() for o in args.ops.split(",")]
-    work = Path(args.work)
+    work = Path(args.work).resolve()  # nginx resolves relative paths against its own prefix
     if work.exists():
         # The files of the previous run are deleted now, not at its end: then let the file system settle (see the
         # module docstring) so that the deletion does not slow this run's creates.
