@@ -12,12 +12,12 @@ What it does, all on 127.0.0.1 and on the disk that holds this repository:
   round-robin (page cache warm). Every run writes blocks no earlier run wrote, so nothing is deleted between runs
   (except the few large files of 64 MiB cells): on ext4 without a journal, creating files is slow for minutes after
   a mass deletion (recently deleted inodes are skipped), which would penalise whichever server runs next. So a run
-  leaves its files in place; the next run deletes them first, syncs, and waits ``--settle`` seconds (65) before it
+  leaves its files in place; the next run deletes them first, syncs, and waits ``--settle`` seconds (310) before it
   measures anything. For the same reason, start a run a few minutes after the test suite;
 * measures md5 speed (1 and 2 threads) and the durable-write ceiling (8 threads: write, fsync, rename, fsync the
   directory; unique files) in the same run: where nginx is above those, they are the real target. For blocks up to
   1 MiB it also measures the same durable write done by group commit (batches of 8: write, syncfs, rename, syncfs),
-  which is how keepstore writes them (``--group-commit off`` runs keepstore file by file instead, for comparison);
+  which is how keepstore writes blocks up to 64 KiB (``--group-commit off`` runs keepstore file by file instead);
 * reports throughput, p50/p99 latency, server and wrk CPU (cores), and the server's peak RSS; keepstore/nginx
   ratios; writes the tables to docs/benchmarks.md (section "http", or "http-<label>" with --label).
 """
@@ -57,11 +57,12 @@ from bench.report import machine, write_section  # noqa: E402
 SIZES = {"4 KiB": 4 << 10, "1 MiB": 1 << 20, "64 MiB": 64 << 20}
 PUT_RATE_CAP = {4 << 10: 25_000, 1 << 20: 3_000, 64 << 20: 60}  # PUTs/s no server here comes near (name budget)
 LARGE = 64 << 20  # PUT cells of this size are deleted after each cell; smaller ones stay until the next run
-GROUP_COMMIT_MAX = 1 << 20  # as keepstore.volumes.directory.GROUP_COMMIT_MAX: the sizes with a group-commit ceiling
+GROUP_COMMIT_MAX = 1 << 20  # sizes with a group-commit ceiling row (keepstore groups blocks up to 64 KiB)
 GROUP_CEILING_BATCH = 8
-# ext4 without a journal does not reuse inodes freed in the last 60 s (300 s while their inode-table blocks are
-# dirty; os.sync() cleans them): creating files is slow until then.
-SETTLE_SECONDS = 65.0
+# ext4 without a journal does not reuse inodes freed in the last 60 s, or 300 s while their inode-table block is
+# dirty, which new files in the same block make it again: creating files is slow until then (nginx's 4 KiB PUTs
+# fell from ~9k to ~1.4k req/s 65 s after a deletion).
+SETTLE_SECONDS = 310.0
 LUA = ROOT / "bench" / "lua"
 CLK = os.sysconf("SC_CLK_TCK")
 
@@ -631,7 +632,7 @@ WebDAV PUT, no checksum, no fsync. PUTs write unique blocks; GETs read a fixed s
 
 Physical ceilings measured in the same run: md5 {md5_1:,.0f} MB/s on one thread, {md5_2:,.0f} MB/s on two;
 durable write (8 threads, unique files; file by file: write + fsync + rename + fsync dir; group commit, as
-keepstore does it for blocks up to 1 MiB: write a batch, syncfs, rename the batch, syncfs):
+keepstore does it for blocks up to 64 KiB: write a batch, syncfs, rename the batch, syncfs):
 
 | block | how | durable write | files | CPU per file (user + system) |
 |---|---|---|---|---|

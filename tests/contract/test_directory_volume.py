@@ -1033,12 +1033,13 @@ def test_group_commit_failure_lands_on_its_own_block_only(root: Path) -> None:
     import signal
 
     small = [os.urandom(4096) for _ in range(7)]
-    large = os.urandom(512 << 10)
+    large = os.urandom(48 << 10)  # still a group-commit size (directory.GROUP_COMMIT_MAX)
+    assert len(large) <= directory.GROUP_COMMIT_MAX
 
     async def body(vol: DirectoryVolume) -> None:
         old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
         old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 10, old_limit[1]))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (24 << 10, old_limit[1]))
         try:
             results = await asyncio.gather(
                 *(vol.block_write(md5(b), memoryview(b)) for b in [*small[:4], large, *small[4:]]),
@@ -1067,7 +1068,7 @@ def test_group_commit_on_a_file_system_that_fills_up(tmp_path: Path, monkeypatch
     # Free space is checked (64 MiB minimum) before a write; this file system has less than that from the start.
     monkeypatch.setattr(directory, "MIN_FREE_BYTES", 0)
     monkeypatch.setattr(directory, "FULL_CHECK_INTERVAL", 0.0)
-    blocks = [os.urandom(300 << 10) for _ in range(12)]
+    blocks = [os.urandom(60 << 10) for _ in range(48)]  # 2.8 MiB of group-commit sizes for 2 MiB
 
     async def body(vol: DirectoryVolume) -> None:
         results = await asyncio.gather(

@@ -24,8 +24,9 @@ def test_sigkill_during_puts(server_factory: ServerFactory) -> None:
     def writer(n: int) -> None:
         i = 0
         while not stop.is_set() and i < 200:
-            # Sizes from 64 KiB to 8 MiB so that kills land in every phase of a write.
-            size = (64 << 10) << ((n + i) % 8)
+            # Sizes from 4 KiB to 8 MiB so that kills land in every phase of a write, group commits (up to 64 KiB)
+            # and streamed writes (4 MiB and up) included.
+            size = (4 << 10) << ((n + i) % 12)
             data = f"{n}:{i}:".encode() + base[: size - 16] + os.urandom(8)
             h = md5(data)
             with lock:
