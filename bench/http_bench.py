@@ -413,6 +413,19 @@ def durable_write_ceiling(
     counts = [0] * threads
     stop = time.monotonic() + seconds
 
+    def write_temp(i: int, n: int, fsync: bool) -> tuple[Path, Path, Path]:
+        """File ``n`` of thread ``i``, written under its temp name: (directory, temp path, final path)."""
+        sub = d / f"{(i * 7919 + n) % 256:03x}"
+        tmp, final = sub / f"tmp{i}-{n}", sub / f"f{i}-{n}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        if fsync:
+            os.fsync(fd)
+        os.close(fd)
+        return sub, tmp, final
+
     def group_(i: int) -> None:
         import ctypes
 
@@ -420,20 +433,11 @@ def durable_write_ceiling(
         root = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
         n = 0
         while time.monotonic() < stop:
-            pairs = []
-            for _ in range(group):
-                sub = d / f"{(i * 7919 + n) % 256:03x}"
-                tmp, final = sub / f"tmp{i}-{n}", sub / f"f{i}-{n}"
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.close(fd)
-                pairs.append((tmp, final))
-                n += 1
+            batch = [write_temp(i, n + k, fsync=False) for k in range(group)]
+            n += group
             if syncfs(root) != 0:
                 raise OSError(ctypes.get_errno(), "syncfs")
-            for tmp, final in pairs:
+            for _, tmp, final in batch:
                 os.rename(tmp, final)
             if syncfs(root) != 0:
                 raise OSError(ctypes.get_errno(), "syncfs")
@@ -443,14 +447,7 @@ def durable_write_ceiling(
     def work_(i: int) -> None:
         n = 0
         while time.monotonic() < stop:
-            sub = d / f"{(i * 7919 + n) % 256:03x}"
-            tmp, final = sub / f"tmp{i}-{n}", sub / f"f{i}-{n}"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-            os.close(fd)
+            sub, tmp, final = write_temp(i, n, fsync=True)
             os.rename(tmp, final)
             dfd = os.open(sub, os.O_RDONLY | os.O_DIRECTORY)
             os.fsync(dfd)
