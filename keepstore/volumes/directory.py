@@ -11,7 +11,8 @@ name is not hex).
 
 Deliberate differences from the Go driver, all for durability or safety:
 
-* writes fsync the file before the rename and the directory after it (Go does neither);
+* writes fsync the file before the rename and the directory after it (Go does neither); blocks up to 64 KiB are
+  committed in groups instead, with one syncfs(2) before the renames and one after (``KeepstorePy.GroupCommit``);
 * the temp file is flock()ed while it is written, so the start-up sweep removes only temp files no live process
   owns;
 * renames into place, trash, untrash, touch and quarantine take an flock on the block's 3-character directory, which
