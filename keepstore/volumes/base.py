@@ -8,7 +8,7 @@ Invariants every driver must keep (``tests/contract`` checks them against each d
 
 * **Atomic visibility.** ``block_write`` never leaves a partial block visible: after any failure, including a crash
   or kill at any instant, a read returns the previous complete copy or :class:`BlockNotFound`, never a mix or a
-  prefix. When ``block_write`` returns, the block is durable (fsynced, or acknowledged by the object store).
+  prefix. When ``block_write`` returns, the block is durable (fsynced or syncfs'd, or acknowledged by the object store).
 * **Not found is an exception.** Reading, touching, asking the mtime of, or trashing an absent block raises
   :class:`BlockNotFound`; so does any of these on a *trashed* block. Trashed blocks are not listed by ``index``.
 * **Time is nanoseconds.** ``mtime`` and ``index`` give nanoseconds since the epoch, and the two agree exactly for
