@@ -6,6 +6,7 @@ import os
 import re
 import socket
 import time
+from pathlib import Path
 
 import pytest
 from keeptest import (
@@ -280,3 +281,35 @@ def test_small_blocks_are_group_committed_unless_turned_off(server_factory: Serv
         assert not syncfs
     for b in blocks:
         assert srv.get(sign(f"{md5(b)}+{len(b)}")).body == b
+
+
+def test_group_commit_falls_back_to_fsync_when_syncfs_fails(server_factory: ServerFactory, tmp_path: Path) -> None:
+    # A syncfs(2) that reports an error (a writeback failure somewhere on the file system) must not fail blocks that
+    # are fine: the group's files are fsynced one by one, then its directories. An LD_PRELOAD shim makes every
+    # syncfs fail with EIO, so both fallbacks run; the blocks must still be stored and readable.
+    import shutil
+    import subprocess
+
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        pytest.skip("needs a C compiler to build the syncfs shim (the C extensions need one too)")
+    failing = "#include <errno.h>\nint %s(int fd) { (void)fd; errno = EIO; return -1; }\n"
+    shims = {}
+    for name, calls in (("syncfs", ["syncfs"]), ("all", ["syncfs", "fsync"])):
+        src = tmp_path / f"{name}.c"
+        src.write_text("".join(failing % call for call in calls))
+        shims[name] = tmp_path / f"{name}.so"
+        subprocess.run([cc, "-shared", "-fPIC", "-o", str(shims[name]), str(src)], check=True)
+
+    srv = server_factory(volumes=1, name="syncfs-fails", env={"LD_PRELOAD": str(shims["syncfs"])})
+    blocks = [os.urandom(4096) for _ in range(6)]
+    assert [srv.put(b).status for b in blocks] == [200] * 6
+    for b in blocks:
+        assert srv.get(sign(f"{md5(b)}+{len(b)}")).body == b
+    assert not temp_files(srv.volume_root(0))
+
+    # The contrast: when the fsyncs fail too, the disk really is failing: the PUT fails and nothing is left behind.
+    bad = server_factory(volumes=1, name="fsync-fails", env={"LD_PRELOAD": str(shims["all"])})
+    assert bad.put(b"y" * 4096).status == 503
+    assert bad.index_hashes() == []
+    assert not temp_files(bad.volume_root(0))
