@@ -11,6 +11,15 @@ import pytest
 from keepstore.aio import BatchingThreadPool, ThreadPool
 
 
+async def _until(event: threading.Event) -> None:
+    """Wait (5 s at most) until a pool thread has set ``event``: it has taken the job."""
+    for _ in range(1000):
+        if event.is_set():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("no pool thread took the job")
+
+
 def test_returns_results_and_raises_errors() -> None:
     def add(a: int, b: int) -> int:
         return a + b
@@ -96,8 +105,7 @@ def test_cancelled_run_returns_only_once_the_thread_is_done() -> None:
     async def main() -> None:
         pool = ThreadPool(1, "c")
         task = asyncio.create_task(pool.run(work))
-        while not started.is_set():
-            await asyncio.sleep(0.001)
+        await _until(started)
         task.cancel()
         await asyncio.sleep(0.05)
         assert not task.done(), "run returned while its thread was still running"
@@ -151,8 +159,7 @@ def test_cancelled_run_whose_thread_fails_still_ends_cancelled() -> None:
     async def main() -> None:
         pool = ThreadPool(1, "f")
         task = asyncio.create_task(pool.run(work))
-        while not started.is_set():
-            await asyncio.sleep(0.001)
+        await _until(started)
         task.cancel()
         await asyncio.sleep(0.02)
         assert not task.done()
@@ -180,14 +187,6 @@ class _Gate:
         self.taken.set()
         self.released.wait(10)
         return [KeyError(job[0]) if job[0] == "bad" else f"done {job[0]}" for job in jobs]
-
-
-async def _until(event: threading.Event) -> None:
-    for _ in range(1000):
-        if event.is_set():
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError("the batch thread never took the first job")
 
 
 def test_jobs_queued_while_a_batch_runs_form_the_next_batch_and_get_their_own_results() -> None:
