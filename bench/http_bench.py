@@ -64,6 +64,7 @@ GROUP_CEILING_BATCH = 8
 # fell from ~9k to ~1.4k req/s 65 s after a deletion).
 SETTLE_SECONDS = 310.0
 LUA = ROOT / "bench" / "lua"
+PUTGEN_MIN = int(os.environ.get("KS_BENCH_PUTGEN_MIN", 1 << 20))  # PUTs of this size on go through bench/putgen.py
 CLK = os.sysconf("SC_CLK_TCK")
 
 
@@ -171,7 +172,15 @@ http {{
 
 
 class Keepstore:
-    def __init__(self, work: Path, buffers: int, workers: int, src: str = "", group_commit: bool = True) -> None:
+    def __init__(
+        self,
+        work: Path,
+        buffers: int,
+        workers: int,
+        src: str = "",
+        group_commit: bool = True,
+        direct_writes: bool = True,
+    ) -> None:
         self.work = work / "keepstore"
         self.work.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -183,6 +192,8 @@ class Keepstore:
         cfg["Clusters"]["zzzzz"]["KeepstorePy"] = {"Workers": workers}
         if not group_commit:
             cfg["Clusters"]["zzzzz"]["KeepstorePy"]["GroupCommit"] = False  # (older trees do not know the key)
+        if not direct_writes:
+            cfg["Clusters"]["zzzzz"]["KeepstorePy"]["DirectWrites"] = False  # (nor this one)
         env = {"PYTHONPATH": str(Path(src).resolve())} if src else {}
         self.server = KeepServer(workdir=self.work, port=self.port, config=cfg, env=env).start()
         self.url = self.server.url
@@ -269,6 +280,22 @@ def seed(url: str, blocks: Blocks, first: int, names: list[str], token: str | No
         list(pool.map(put, range(len(names))))
 
 
+def warm(url: str, paths: list[str], token: str | None) -> None:
+    """Read every block once, so that GET cells start with the page cache warm for both servers (keepstore's
+    direct writes leave a freshly written block out of it; nginx's buffered ones leave it in)."""
+
+    def get(path: str) -> None:
+        req = urllib.request.Request(f"{url}/{path}")
+        if token:
+            req.add_header("Authorization", f"Bearer {token}")
+        with urllib.request.urlopen(req) as r:
+            while r.read(1 << 20):
+                pass
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        list(pool.map(get, paths))
+
+
 # --- wrk ---------------------------------------------------------------------------------------------------------
 
 
@@ -313,25 +340,17 @@ def run_wrk(
         KS_BENCH_BASE=str(base or ""),
         KS_BENCH_FIRST=str(first),
     )
+    if script == "put.lua" and size >= PUTGEN_MIN:
+        # wrk's Lua would allocate (and the kernel zero) a fresh body per request: see bench/putgen.py.
+        command = [sys.executable, str(ROOT / "bench" / "putgen.py"), "-c", str(conns), "-d", str(round(duration)), url]
+    else:
+        command = ["wrk", "-t", str(threads), "-c", str(conns), "-d", f"{round(duration)}s", "--timeout", "60s"]
+        command += ["--latency", "-s", str(LUA / script), url]
     reset_peak_rss(pids)
     cpu0 = cpu_seconds(pids)
     t0 = time.monotonic()
     proc = subprocess.Popen(
-        [
-            "wrk",
-            "-t",
-            str(threads),
-            "-c",
-            str(conns),
-            "-d",
-            f"{round(duration)}s",
-            "--timeout",
-            "60s",
-            "--latency",
-            "-s",
-            str(LUA / script),
-            url,
-        ],
+        command,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -494,6 +513,12 @@ def main() -> None:
         "--group-commit", choices=("on", "off"), default="on", help="keepstore's KeepstorePy.GroupCommit (default on)"
     )
     ap.add_argument(
+        "--direct-writes",
+        choices=("on", "off"),
+        default="on",
+        help="keepstore's KeepstorePy.DirectWrites (default on)",
+    )
+    ap.add_argument(
         "--settle",
         type=float,
         default=SETTLE_SECONDS,
@@ -526,7 +551,7 @@ def main() -> None:
     }
 
     nginx = Nginx(work)
-    ks = Keepstore(work, args.buffers, args.workers, args.src, args.group_commit == "on")
+    ks = Keepstore(work, args.buffers, args.workers, args.src, args.group_commit == "on", args.direct_writes == "on")
     rows: list[str] = []
     ratios: list[str] = []
     try:
@@ -542,7 +567,10 @@ def main() -> None:
                     plain = work / f"get-nginx-{size}"
                     plain.write_text("\n".join(names) + "\n")
                     signed = work / f"get-ks-{size}"
-                    signed.write_text("\n".join(sign(f"{n}+{size}") for n in names) + "\n")
+                    locators = [sign(f"{n}+{size}") for n in names]
+                    signed.write_text("\n".join(locators) + "\n")
+                    warm(nginx.url, names, None)
+                    warm(ks.url, locators, USER_TOKEN)
                 for conns in concs:
                     cell: dict[str, Result] = {}
                     # wrk counts only requests that complete inside the run: give slow cells (32 x 64 MiB) time to
@@ -623,9 +651,11 @@ def main() -> None:
 
 {machine(args.src)}. wrk {args.duration:.0f} s per cell (longer where few requests would complete){median};
 keepstore: one directory volume, fsync on, every GET verified, group commit {args.group_commit},
+direct writes {args.direct_writes},
 MaxKeepBlobBuffers {args.buffers},
 {args.workers or os.cpu_count()} worker processes; nginx: one worker,
-WebDAV PUT, no checksum, no fsync. PUTs write unique blocks; GETs read a fixed stored set (page cache warm).
+WebDAV PUT, no checksum, no fsync. PUTs write unique blocks (4 KiB: wrk; 1 MiB and 64 MiB: bench/putgen.py, see
+its docstring); GETs read a fixed stored set (page cache warm: each block read once before the clock starts).
 
 Physical ceilings measured in the same run: md5 {md5_1:,.0f} MB/s on one thread, {md5_2:,.0f} MB/s on two;
 durable write (8 threads, unique files; file by file: write + fsync + rename + fsync dir; group commit, as

@@ -8,8 +8,10 @@ def write_block(
     data: bytes | memoryview,
     xattr_name: str,
     xattr_value: bytes | None,
+    direct: bool = False,
     /,
 ) -> int: ...
+def append(fd: int, data: bytes | memoryview, direct: bool = False, /) -> None: ...
 def write_group(
     root_fd: int,
     items: list[tuple[str, str, str, bytes | memoryview, str, bytes | None]],

@@ -66,6 +66,9 @@ class WriterPipe:
     """
 
     SEGMENT = 8 * 1024 * 1024
+    # Segments but the last end on a multiple of this: a writer can then put them on disk with O_DIRECT, which
+    # wants file offsets aligned to the device's block size (see keepstore/_fileio.c write_data).
+    ALIGN = 64 * 1024
 
     def __init__(self, view: memoryview, writer: BlockWriter) -> None:
         self.view = view
@@ -75,6 +78,7 @@ class WriterPipe:
         self._task: asyncio.Task[None] | None = None
 
     def advance(self, filled: int) -> None:
+        filled -= filled % self.ALIGN
         if self.error is not None or filled - self.written < self.SEGMENT:
             return
         if self._task is not None:

@@ -104,6 +104,7 @@ class Config:
     pull_read_timeout: float = 60.0
     workers: int = 0  # worker processes; 0 = one per CPU (see keepstore.multiproc)
     group_commit: bool = True  # small Directory-volume writes share syncfs calls (see keepstore.volumes.directory)
+    direct_writes: bool = True  # Directory-volume block data written with O_DIRECT (see keepstore.volumes.directory)
     source: str = ""
     warnings: tuple[str, ...] = ()
 
@@ -210,6 +211,7 @@ _OWN_KEYS: dict[str, Any] = {
         "PullReadTimeout": None,
         "Workers": None,
         "GroupCommit": None,
+        "DirectWrites": None,
     },
 }
 
@@ -353,6 +355,7 @@ def from_document(doc: Any, source: str, env: Mapping[str, str]) -> Config:
         pull_read_timeout=own.duration("PullReadTimeout", 60.0),
         workers=own.integer("Workers", 0, minimum=0),
         group_commit=own.boolean("GroupCommit", True),
+        direct_writes=own.boolean("DirectWrites", True),
         source=source,
         warnings=tuple(warnings),
     )

@@ -312,6 +312,42 @@ def temp_files(root: Path) -> list[Path]:
     return [f for sub in root.iterdir() if sub.is_dir() for f in sub.iterdir() if f.name.startswith("tmp")]
 
 
+def page_cache_residency(path: Path) -> float:
+    """Fraction of ``path``'s pages in the page cache (mincore(2)): 0.0 when a write bypassed it (O_DIRECT)."""
+    import ctypes
+    import mmap
+
+    size = path.stat().st_size
+    if size == 0:
+        return 0.0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), "mmap failed")
+        try:
+            vec = ctypes.create_string_buffer(pages)
+            if libc.mincore(addr, size, vec) != 0:
+                raise OSError(ctypes.get_errno(), "mincore failed")
+            return sum(b & 1 for b in vec.raw) / pages
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+
+
+def file_system_type(path: Path) -> str:
+    """What ``stat -f`` calls the file system holding ``path`` (ext2/ext3 for ext4, tmpfs, xfs, ...)."""
+    done = subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
 def process_tree(pid: int) -> list[int]:
     """``pid`` and all its descendants (a keepstore with several workers is a supervisor and its children)."""
     out = [pid]

@@ -13,6 +13,8 @@ Deliberate differences from the Go driver, all for durability or safety:
 
 * writes fsync the file before the rename and the directory after it (Go does neither); blocks up to 64 KiB are
   committed in groups instead, with one syncfs(2) before the renames and one after (``KeepstorePy.GroupCommit``);
+  larger ones are written with O_DIRECT where the file system allows it (``KeepstorePy.DirectWrites``, see
+  keepstore/_fileio.c write_data), still fsynced before the rename;
 * the temp file is flock()ed while it is written, so the start-up sweep removes only temp files no live process
   owns;
 * renames into place, trash, untrash, touch and quarantine take an flock on the block's 3-character directory, which
@@ -105,15 +107,18 @@ def _finish_block_py(fd: int, dir_path: str, tmp_path: str, final_path: str) -> 
         os.close(dfd)
 
 
-_native_write_block: Callable[[str, str, str, memoryview, str, bytes | None], int] | None
+_native_write_block: Callable[[str, str, str, memoryview, str, bytes | None, bool], int] | None
+_native_append: Callable[[int, memoryview, bool], None] | None
 _GroupItem = tuple[str, str, str, bytes | memoryview, str, bytes | None]  # write_group's (see keepstore/_fileio.c)
 _native_write_group: Callable[[int, list[_GroupItem]], list[int | OSError]] | None
 try:
+    from .._fileio import append as _native_append
     from .._fileio import finish_block as _finish_block
     from .._fileio import write_block as _native_write_block
     from .._fileio import write_group as _native_write_group
 except ImportError:  # pragma: no cover - built by every supported install path
     _finish_block = _finish_block_py
+    _native_append = None
     _native_write_block = None
     _native_write_group = None
 
@@ -138,6 +143,7 @@ class DirectoryParameters:
     root: str
     serialize: bool = False
     group_commit: bool = False  # KeepstorePy.GroupCommit, and only where group_commit_supported()
+    direct_writes: bool = False  # KeepstorePy.DirectWrites, and only with the native extension
 
     @classmethod
     def parse(cls, params: Mapping[str, Any], key_path: str) -> DirectoryParameters:
@@ -182,6 +188,8 @@ class DirectoryVolume(Volume):
         self._xattrs = hasattr(os, "setxattr")  # see _set_checkpoints
         self._room_checked = -FULL_CHECK_INTERVAL  # see _is_full
         self._write_block = _native_write_block if _native_write_block is not None else self._write_py
+        # Block data written with O_DIRECT where the file system takes it (see keepstore/_fileio.c write_data).
+        self._direct = params.direct_writes and _native_write_block is not None and _native_append is not None
         self._learn = spec.allow_write  # record checkpoints of blocks that lack them when they are read
         self._started_ns = time.time_ns()
         self._group: BatchingThreadPool | None = None
@@ -408,7 +416,8 @@ class DirectoryVolume(Volume):
         tmp = f"{directory}/tmp{hash}{os.urandom(6).hex()}"
         xattr = checkpoints.encode() if checkpoints is not None and self._xattrs else None
         try:
-            xattr_error = self._write_block(directory, tmp, self._path(hash), data, CHECKPOINT_XATTR, xattr)
+            final = self._path(hash)
+            xattr_error = self._write_block(directory, tmp, final, data, CHECKPOINT_XATTR, xattr, self._direct)
         except OSError as exc:
             self.stats.op("create")
             raise self._write_error(exc, tmp) from exc
@@ -448,8 +457,11 @@ class DirectoryVolume(Volume):
             out.append(None)
         return out
 
-    def _write_py(self, directory: str, tmp: str, final: str, data: memoryview, name: str, value: bytes | None) -> int:
-        """keepstore._fileio.write_block in Python (where the extension is not built): same steps, same contract."""
+    def _write_py(
+        self, directory: str, tmp: str, final: str, data: memoryview, name: str, value: bytes | None, direct: bool
+    ) -> int:
+        """keepstore._fileio.write_block in Python (where the extension is not built): same steps, same contract,
+        always buffered (``self._direct`` is false without the extension)."""
         hash = final.rpartition("/")[2]
         tmp, fd = self._create_temp(hash, tmp)
         try:
@@ -497,6 +509,11 @@ class DirectoryVolume(Volume):
 
     def _append(self, hash: str, tmp: str, fd: int, data: memoryview, offset: int) -> None:
         try:
+            if self._direct:
+                assert _native_append is not None
+                _native_append(fd, data, True)  # the data is on its way to the device when this returns
+                self.stats.io(written=len(data))
+                return
             pos = 0
             while pos < len(data):
                 pos += os.write(fd, data[pos : pos + 8 * _COPY_CHUNK])

@@ -58,8 +58,9 @@ class VolumeFactory(ABC):
 class DirectoryFactory(VolumeFactory):
     name = "directory"
 
-    def __init__(self, tmp_path: Path, group_commit: bool = False) -> None:
+    def __init__(self, tmp_path: Path, group_commit: bool = False, direct_writes: bool = False) -> None:
         self.group_commit = group_commit
+        self.direct_writes = direct_writes
         self.root = tmp_path / "directory-volume"
         self.root.mkdir()
         self.spec = VolumeSpec(
@@ -70,7 +71,10 @@ class DirectoryFactory(VolumeFactory):
         )
 
     def new_volume(self) -> Volume:
-        vol = DirectoryVolume(self.spec, DirectoryParameters(root=str(self.root), group_commit=self.group_commit))
+        params = DirectoryParameters(
+            root=str(self.root), group_commit=self.group_commit, direct_writes=self.direct_writes
+        )
+        vol = DirectoryVolume(self.spec, params)
         assert vol.group_commit == self.group_commit, "group commit is not supported here (needs Linux 5.8+)"
         return vol
 
@@ -82,12 +86,17 @@ class DirectoryFactory(VolumeFactory):
         path.write_bytes(bytes(data))
 
 
-DRIVERS = ["directory", "directory-group-commit"]
+# "directory": every write buffered and fsynced file by file (the path without the native extension, or with both
+# KeepstorePy keys off); "directory-direct": block data written with O_DIRECT; "directory-group-commit": what the
+# default configuration runs (small blocks by group commit, the rest with O_DIRECT).
+DRIVERS = ["directory", "directory-direct", "directory-group-commit"]
 
 
 def make_factory(driver: str, tmp_path: Path) -> VolumeFactory:
     if driver == "directory":
         return DirectoryFactory(tmp_path)
+    if driver == "directory-direct":
+        return DirectoryFactory(tmp_path, direct_writes=True)
     if driver == "directory-group-commit":
-        return DirectoryFactory(tmp_path, group_commit=True)
+        return DirectoryFactory(tmp_path, group_commit=True, direct_writes=True)
     raise AssertionError(f"unknown driver {driver}")

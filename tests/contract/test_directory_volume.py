@@ -56,9 +56,12 @@ def run(
     serialize: bool = False,
     read_only: bool = False,
     group_commit: bool = False,
+    direct_writes: bool = False,
 ) -> None:
     async def main() -> None:
-        params = DirectoryParameters(root=str(root), serialize=serialize, group_commit=group_commit)
+        params = DirectoryParameters(
+            root=str(root), serialize=serialize, group_commit=group_commit, direct_writes=direct_writes
+        )
         vol = DirectoryVolume(make_spec(root, read_only), params)
         assert vol.group_commit == group_commit
         try:
@@ -1109,3 +1112,77 @@ def test_group_commit_is_off_for_a_serialized_volume(root: Path) -> None:
     vol = DirectoryVolume(make_spec(root), DirectoryParameters(root=str(root), serialize=True, group_commit=True))
     assert not vol.group_commit  # Serialize: one file operation at a time, as configured
     asyncio.run(vol.close())
+
+
+# --- direct writes (keepstore/_fileio.c write_data) ----------------------------------------------------------------
+
+
+def _needs_page_cache(root: Path) -> None:
+    from keeptest import file_system_type
+
+    kind = file_system_type(root)
+    if kind in ("tmpfs", "ramfs"):
+        pytest.skip(f"the test directory is on {kind}: every file lives in the page cache there, written or not")
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_direct_writes_bypass_the_page_cache(root: Path, direct: bool) -> None:
+    """With direct writes a block's data goes from the buffer to the device: none of it stays in the page cache
+    (which a buffered write fills, and which fsync then has to write out); the block reads back intact."""
+    from keeptest import page_cache_residency
+
+    _needs_page_cache(root)
+    whole = os.urandom(1 << 20)  # block_write: the whole block in one native call
+    streamed = os.urandom(9 << 20)  # block_writer: pieces, as a large PUT body arrives
+
+    async def body(vol: DirectoryVolume) -> None:
+        buf = mmap_buffer(len(streamed))  # pool buffers are page-aligned mmaps: so is this
+        buf[: len(whole)] = whole
+        h = md5(whole)
+        await vol.block_write(h, buf[: len(whole)])
+        buf[:] = streamed
+        hs = md5(streamed)
+        writer = await vol.block_writer(hs)
+        await writer.write(buf[: 8 << 20])
+        await writer.write(buf[8 << 20 :])
+        await writer.commit()
+        for digest, data in ((h, whole), (hs, streamed)):
+            resident = page_cache_residency(root / digest[:3] / digest)
+            if direct:
+                assert resident == 0.0
+            else:
+                assert resident > 0.9
+            assert await read(vol, digest, len(data)) == data
+
+    run(root, body, direct_writes=direct)
+
+
+def mmap_buffer(size: int) -> memoryview:
+    import mmap
+
+    return memoryview(mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS))
+
+
+@pytest.mark.parametrize("size", [1, 4095, 4096, 4097, 65536 + 7, (1 << 20) + 4095])
+def test_direct_writes_store_every_size_exactly(root: Path, size: int) -> None:
+    """Only whole aligned blocks can go O_DIRECT: the tail and unaligned pieces are written buffered, in order."""
+    data = os.urandom(size)
+
+    async def body(vol: DirectoryVolume) -> None:
+        buf = mmap_buffer(size + 1)
+        buf[:size] = data
+        h = md5(data)
+        await vol.block_write(h, buf[:size])
+        assert (root / h[:3] / h).read_bytes() == data
+        # Streamed in pieces that start off alignment (from byte 1 of a buffer) and end at odd offsets.
+        shifted = mmap_buffer(size + 1)
+        shifted[1:] = data
+        (root / h[:3] / h).unlink()
+        writer = await vol.block_writer(h)
+        cut = size // 3
+        await writer.write(shifted[1 : 1 + cut])
+        await writer.write(shifted[1 + cut :])
+        await writer.commit()
+        assert (root / h[:3] / h).read_bytes() == data
+
+    run(root, body, direct_writes=True)

@@ -16,7 +16,9 @@ from keeptest import (
     USER_TOKEN,
     KeepServer,
     ServerFactory,
+    file_system_type,
     md5,
+    page_cache_residency,
     raw_exchange,
     sign,
     stored_files,
@@ -313,3 +315,21 @@ def test_group_commit_falls_back_to_fsync_when_syncfs_fails(server_factory: Serv
     assert bad.put(b"y" * 4096).status == 503
     assert bad.index_hashes() == []
     assert not temp_files(bad.volume_root(0))
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_direct_writes_unless_turned_off(server_factory: ServerFactory, direct: bool) -> None:
+    # KeepstorePy.DirectWrites reaches the volume: a PUT's data goes straight to the device (none of the stored
+    # file is left in the page cache), or, turned off, through the page cache. Both ways the block is durable and
+    # reads back intact: 1 MiB is written whole, 5 MiB streamed as it arrives.
+    srv = server_factory(volumes=1, extra={"KeepstorePy": {"DirectWrites": direct}})
+    kind = file_system_type(srv.volume_root(0))
+    if kind in ("tmpfs", "ramfs"):
+        pytest.skip(f"the volume is on {kind}: every file lives in the page cache there, written or not")
+    blocks = [os.urandom(1 << 20), os.urandom(5 << 20)]
+    for b in blocks:
+        r = srv.put(b)
+        assert r.status == 200
+        resident = page_cache_residency(stored_files(srv.volume_root(0))[md5(b)])
+        assert resident == 0.0 if direct else resident > 0.9
+        assert srv.get(r.text.strip()).body == b

@@ -710,3 +710,11 @@ def test_group_commit_is_on_unless_turned_off() -> None:
     assert c.group_commit is False and c.warnings == ()
     msg = error(with_key(make_doc(), "KeepstorePy.GroupCommit", "yes"))
     assert msg.startswith("Clusters.zzzzz.KeepstorePy.GroupCommit: ")
+
+
+def test_direct_writes_are_on_unless_turned_off() -> None:
+    assert load(make_doc()).direct_writes is True
+    c = load(with_key(make_doc(), "KeepstorePy.DirectWrites", False))
+    assert c.direct_writes is False and c.warnings == ()
+    msg = error(with_key(make_doc(), "KeepstorePy.DirectWrites", 1))
+    assert msg.startswith("Clusters.zzzzz.KeepstorePy.DirectWrites: ")

@@ -1,0 +1,120 @@
+"""keepstore._fileio's direct writes where the file system will not have them (write_data's fallbacks).
+
+O_DIRECT is refused in two ways: by fcntl(F_SETFL) (file systems without direct I/O) or by the write itself with
+EINVAL (an alignment the device does not accept). Either way the block must still be written whole, buffered. Any
+other error of a direct write is a real one and must reach the caller. An LD_PRELOAD shim makes each happen, in a
+child process that writes through the extension and reports what the file holds.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SHIM = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+/* FILEIO_SHIM: "setfl" refuses O_DIRECT in F_SETFL; "write-einval" / "write-eio" fail writes on O_DIRECT files. */
+static int (*real_fcntl)(int, int, ...);
+static ssize_t (*real_write)(int, const void *, size_t);
+
+static int mode_is(const char *m) {
+    const char *v = getenv("FILEIO_SHIM");
+    return v && strcmp(v, m) == 0;
+}
+
+static int shim_fcntl(int fd, int cmd, va_list ap) {
+    if (!real_fcntl) real_fcntl = dlsym(RTLD_NEXT, "fcntl64");
+    if (!real_fcntl) real_fcntl = dlsym(RTLD_NEXT, "fcntl");
+    long arg = va_arg(ap, long);
+    if (cmd == F_SETFL && (arg & O_DIRECT) && mode_is("setfl")) {
+        errno = EINVAL;
+        return -1;
+    }
+    return real_fcntl(fd, cmd, arg);
+}
+
+#define SHIM_FCNTL(name)                        \
+    int name(int fd, int cmd, ...) {            \
+        va_list ap;                             \
+        va_start(ap, cmd);                      \
+        int r = shim_fcntl(fd, cmd, ap);        \
+        va_end(ap);                             \
+        return r;                               \
+    }
+SHIM_FCNTL(fcntl)
+SHIM_FCNTL(fcntl64)
+
+ssize_t write(int fd, const void *buf, size_t n) {
+    if (!real_write) real_write = dlsym(RTLD_NEXT, "write");
+    if (!real_fcntl) real_fcntl = dlsym(RTLD_NEXT, "fcntl64");
+    if (!real_fcntl) real_fcntl = dlsym(RTLD_NEXT, "fcntl");
+    if ((mode_is("write-einval") || mode_is("write-eio")) && (real_fcntl(fd, F_GETFL) & O_DIRECT)) {
+        errno = mode_is("write-eio") ? EIO : EINVAL;
+        return -1;
+    }
+    return real_write(fd, buf, n);
+}
+"""
+
+CHILD = r"""
+import mmap, os, sys
+from keepstore import _fileio
+path, size = sys.argv[1], int(sys.argv[2])
+buf = memoryview(mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS))
+buf[:] = os.urandom(size)
+fd = os.open(path + ".appended", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+try:
+    _fileio.append(fd, buf, True)
+except OSError as exc:
+    print("append", exc.errno)
+    sys.exit(0)
+finally:
+    os.close(fd)
+directory = os.path.dirname(path)
+_fileio.write_block(directory, path + ".tmp", path, buf, "user.x", None, True)
+ok = all(open(p, "rb").read() == bytes(buf) for p in (path, path + ".appended"))
+print("same" if ok else "different")
+"""
+
+
+@pytest.fixture(scope="module")
+def shim(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        pytest.skip("needs a C compiler to build the shim (the C extensions need one too)")
+    d = tmp_path_factory.mktemp("shim")
+    (d / "shim.c").write_text(SHIM)
+    subprocess.run([cc, "-shared", "-fPIC", "-o", str(d / "shim.so"), str(d / "shim.c"), "-ldl"], check=True)
+    return d / "shim.so"
+
+
+def write_through(shim: Path, mode: str, path: Path, size: int) -> str:
+    env = {"LD_PRELOAD": str(shim), "FILEIO_SHIM": mode, "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, str(path), str(size)], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+@pytest.mark.parametrize("mode", ["none", "setfl", "write-einval"])
+@pytest.mark.parametrize("size", [4096, (1 << 20) + 100])
+def test_refused_direct_io_falls_back_to_buffered_writes(shim: Path, tmp_path: Path, mode: str, size: int) -> None:
+    assert write_through(shim, mode, tmp_path / "block", size) == "same"
+
+
+def test_other_errors_of_a_direct_write_are_raised(shim: Path, tmp_path: Path) -> None:
+    assert write_through(shim, "write-eio", tmp_path / "block", 1 << 20) == "append 5"  # EIO, not swallowed
