@@ -7,7 +7,8 @@ What it does, all on 127.0.0.1 and on the disk that holds this repository:
 
 * installs nginx and wrk from Debian if they are missing (needs root) and starts nginx with one worker, WebDAV PUT,
   no checksum, no fsync; starts keepstore with one directory volume (fsync on, every read verified);
-* PUT: wrk sends *unique* blocks (a 16-hex-digit counter ends each body; the URL is the block's md5, computed in
+* PUT: wrk (4 KiB) or bench/putgen.py (1 MiB and 64 MiB: wrk's Lua would allocate a fresh body per request, and
+  the kernel's zeroing of it cost more CPU than the servers) sends *unique* blocks (a 16-hex-digit counter ends each body; the URL is the block's md5, computed in
   advance), so both servers create a new file per request, as in real use; GET: a fixed set of stored blocks, read
   round-robin (page cache warm). Every run writes blocks no earlier run wrote, so nothing is deleted between runs
   (except the few large files of 64 MiB cells): on ext4 without a journal, creating files is slow for minutes after
@@ -17,7 +18,9 @@ What it does, all on 127.0.0.1 and on the disk that holds this repository:
 * measures md5 speed (1 and 2 threads) and the durable-write ceiling (8 threads: write, fsync, rename, fsync the
   directory; unique files) in the same run: where nginx is above those, they are the real target. For blocks up to
   1 MiB it also measures the same durable write done by group commit (batches of 8: write, syncfs, rename, syncfs),
-  which is how keepstore writes blocks up to 64 KiB (``--group-commit off`` runs keepstore file by file instead);
+  which is how keepstore writes blocks up to 64 KiB (``--group-commit off`` runs keepstore file by file instead),
+  and from 1 MiB on the same write with O_DIRECT, which is how keepstore writes larger blocks (``--direct-writes
+  off`` runs keepstore with buffered writes instead);
 * reports throughput, p50/p99 latency, server and wrk CPU (cores), and the server's peak RSS; keepstore/nginx
   ratios; writes the tables to docs/benchmarks.md (section "http", or "http-<label>" with --label).
 """
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import hashlib
+import mmap
 import os
 import re
 import shutil
@@ -59,6 +63,7 @@ PUT_RATE_CAP = {4 << 10: 25_000, 1 << 20: 3_000, 64 << 20: 60}  # PUTs/s no serv
 LARGE = 64 << 20  # PUT cells of this size are deleted after each cell; smaller ones stay until the next run
 GROUP_COMMIT_MAX = 1 << 20  # sizes with a group-commit ceiling row (keepstore groups blocks up to 64 KiB)
 GROUP_CEILING_BATCH = 8
+DIRECT_MIN = 1 << 20  # sizes with an O_DIRECT ceiling row (keepstore writes blocks above 64 KiB that way)
 # ext4 without a journal does not reuse inodes freed in the last 60 s, or 300 s while their inode-table block is
 # dirty, which new files in the same block make it again: creating files is slow until then (nginx's 4 KiB PUTs
 # fell from ~9k to ~1.4k req/s 65 s after a deletion).
@@ -411,7 +416,7 @@ def md5_speed(threads: int, seconds: float = 2.0) -> float:
 
 
 def durable_write_ceiling(
-    work: Path, size: int, seconds: float = 4.0, threads: int = 8, group: int = 0
+    work: Path, size: int, seconds: float = 4.0, threads: int = 8, group: int = 0, direct: bool = False
 ) -> tuple[float, float, float]:
     """(MB/s, files/s, CPU us per file) for write + fsync + rename + fsync(dir) of unique files, ``threads`` at a time.
 
@@ -419,24 +424,29 @@ def durable_write_ceiling(
     small block it is mostly the kernel's, and a server that writes durably has only what is left for HTTP.
 
     With ``group``, each thread writes that many files at a time the way keepstore's group commit does (write them
-    all, syncfs, rename them all, syncfs): the same durability per file, fewer flushes.
+    all, syncfs, rename them all, syncfs): the same durability per file, fewer flushes. With ``direct``, the data is
+    written with O_DIRECT (then fsync, rename, fsync the directory), as keepstore writes larger blocks.
 
     Files are spread over 256 subdirectories, as a directory volume spreads blocks over <hash[0:3]>/ ones (all
     writers fsyncing one directory would measure that directory's lock, not the disk).
     """
-    d = work / f"ceiling-{size}{f'-group{group}' if group else ''}"  # left in place (see main: no deletions)
+    # left in place (see main: no deletions)
+    d = work / f"ceiling-{size}{f'-group{group}' if group else ''}{'-direct' if direct else ''}"
     d.mkdir()
     for sub in range(256):
         (d / f"{sub:03x}").mkdir()
-    data = os.urandom(size)
+    # A page-aligned copy of the data: O_DIRECT needs aligned buffers (sizes here are multiples of 4 KiB).
+    data = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    data[:] = os.urandom(size)
     counts = [0] * threads
     stop = time.monotonic() + seconds
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | (os.O_DIRECT if direct else 0)
 
     def write_temp(i: int, n: int, fsync: bool) -> tuple[Path, Path, Path]:
         """File ``n`` of thread ``i``, written under its temp name: (directory, temp path, final path)."""
         sub = d / f"{(i * 7919 + n) % 256:03x}"
         tmp, final = sub / f"tmp{i}-{n}", sub / f"f{i}-{n}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(tmp, flags, 0o600)
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
@@ -549,6 +559,11 @@ def main() -> None:
         for label, size in SIZES.items()
         if label in sizes and size <= GROUP_COMMIT_MAX
     }
+    direct = {
+        label: durable_write_ceiling(work, size, direct=True)
+        for label, size in SIZES.items()
+        if label in sizes and size >= DIRECT_MIN
+    }
 
     nginx = Nginx(work)
     ks = Keepstore(work, args.buffers, args.workers, args.src, args.group_commit == "on", args.direct_writes == "on")
@@ -646,6 +661,10 @@ def main() -> None:
         f"| {cpu:,.0f} us |"
         for label, (mb, files, cpu) in grouped.items()
     )
+    ceiling_rows += "".join(
+        f"\n| {label} | file by file, O_DIRECT | {mb:,.0f} MB/s | {files:,.0f}/s | {cpu:,.0f} us |"
+        for label, (mb, files, cpu) in direct.items()
+    )
     median = f", median of {args.repeat}" if args.repeat > 1 else ""
     body = f"""## keepstore vs nginx{f" ({args.label})" if args.label else ""} (`bench/http_bench.py`)
 
@@ -658,8 +677,9 @@ WebDAV PUT, no checksum, no fsync. PUTs write unique blocks (4 KiB: wrk; 1 MiB a
 its docstring); GETs read a fixed stored set (page cache warm: each block read once before the clock starts).
 
 Physical ceilings measured in the same run: md5 {md5_1:,.0f} MB/s on one thread, {md5_2:,.0f} MB/s on two;
-durable write (8 threads, unique files; file by file: write + fsync + rename + fsync dir; group commit, as
-keepstore does it for blocks up to 64 KiB: write a batch, syncfs, rename the batch, syncfs):
+durable write (8 threads, unique files; file by file: write + fsync + rename + fsync dir, buffered or, as keepstore
+writes blocks above 64 KiB, O_DIRECT; group commit, as keepstore does it for blocks up to 64 KiB: write a batch,
+syncfs, rename the batch, syncfs):
 
 | block | how | durable write | files | CPU per file (user + system) |
 |---|---|---|---|---|
