@@ -342,6 +342,21 @@ def page_cache_residency(path: Path) -> float:
         os.close(fd)
 
 
+def page_cache_skip_reason(directory: Path) -> str | None:
+    """Why a test of page-cache residency after direct writes cannot run in ``directory`` (None: it can)."""
+    kind = file_system_type(directory)
+    if kind in ("tmpfs", "ramfs"):
+        return f"the directory is on {kind}: every file lives in the page cache there, written or not"
+    probe = directory / ".direct-io-probe"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600)
+    except OSError as exc:
+        return f"{kind} refuses O_DIRECT here ({exc.strerror}): writes fall back to buffered (see test_fileio.py)"
+    os.close(fd)
+    probe.unlink()
+    return None
+
+
 def file_system_type(path: Path) -> str:
     """What ``stat -f`` calls the file system holding ``path`` (ext2/ext3 for ext4, tmpfs, xfs, ...)."""
     done = subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True, check=True)

@@ -1118,11 +1118,11 @@ def test_group_commit_is_off_for_a_serialized_volume(root: Path) -> None:
 
 
 def _needs_page_cache(root: Path) -> None:
-    from keeptest import file_system_type
+    from keeptest import page_cache_skip_reason
 
-    kind = file_system_type(root)
-    if kind in ("tmpfs", "ramfs"):
-        pytest.skip(f"the test directory is on {kind}: every file lives in the page cache there, written or not")
+    reason = page_cache_skip_reason(root)
+    if reason is not None:
+        pytest.skip(reason)
 
 
 @pytest.mark.parametrize("direct", [True, False])

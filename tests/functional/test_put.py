@@ -16,9 +16,9 @@ from keeptest import (
     USER_TOKEN,
     KeepServer,
     ServerFactory,
-    file_system_type,
     md5,
     page_cache_residency,
+    page_cache_skip_reason,
     raw_exchange,
     sign,
     stored_files,
@@ -323,9 +323,9 @@ def test_direct_writes_unless_turned_off(server_factory: ServerFactory, direct: 
     # file is left in the page cache), or, turned off, through the page cache. Both ways the block is durable and
     # reads back intact: 1 MiB is written whole, 5 MiB streamed as it arrives.
     srv = server_factory(volumes=1, extra={"KeepstorePy": {"DirectWrites": direct}})
-    kind = file_system_type(srv.volume_root(0))
-    if kind in ("tmpfs", "ramfs"):
-        pytest.skip(f"the volume is on {kind}: every file lives in the page cache there, written or not")
+    reason = page_cache_skip_reason(srv.volume_root(0))
+    if reason is not None:
+        pytest.skip(reason)
     blocks = [os.urandom(1 << 20), os.urandom(5 << 20)]
     for b in blocks:
         r = srv.put(b)
