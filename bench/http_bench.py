@@ -10,7 +10,8 @@ What it does, all on 127.0.0.1 and on the disk that holds this repository:
 * PUT: wrk (4 KiB) or bench/putgen.py (1 MiB and 64 MiB: wrk's Lua would allocate a fresh body per request, and
   the kernel's zeroing of it cost more CPU than the servers) sends *unique* blocks (a 16-hex-digit counter ends
   each body; the URL is the block's md5, computed in advance), so both servers create a new file per request, as
-  in real use; GET: a fixed set of stored blocks, read round-robin (page cache warm: each read once first). Every run writes blocks no earlier run wrote, so nothing is deleted between runs
+  in real use; GET: a fixed set of stored blocks, read round-robin (page cache warm: each read once first).
+  Every run writes blocks no earlier run wrote, so nothing is deleted between runs
   (except the few large files of 64 MiB cells): on ext4 without a journal, creating files is slow for minutes after
   a mass deletion (recently deleted inodes are skipped), which would penalise whichever server runs next. So a run
   leaves its files in place; the next run deletes them first, syncs, and waits ``--settle`` seconds (310) before it
