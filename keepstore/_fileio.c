@@ -28,7 +28,8 @@
  *
  * is group commit: the durable write of several in-memory blocks at once, ``items`` being a list of
  * (dir_path, tmp_path, final_path, data, xattr_name, xattr_value) tuples. Each temp file is created, locked and
- * written as by write_block, without an fsync; then one syncfs(2) of the file system that holds ``root_fd`` makes
+ * written as by write_block, without an fsync; then one syncfs(2) of the file system that holds ``root_fd`` (through a
+ * descriptor opened for the group: see commit_group) makes
  * all of them durable at once; then each is renamed into place under its directory's flock; then a second syncfs
  * makes the renames durable. A block therefore becomes visible only once its data is on disk, as with write_block,
  * and the call returns only once every rename is on disk too. Two syncfs calls cost far less than an fsync of every
@@ -354,18 +355,31 @@ static void rename_staged(group_item *it) {
     it->renamed = 1;
 }
 
+/* syncfs through ``fd``; a descriptor that could not be opened counts as a failed syncfs (the fallbacks run). */
+static int sync_through(int fd) { return fd < 0 ? -1 : syncfs(fd); }
+
 static void commit_group(int root_fd, group_item *items, Py_ssize_t n) {
+    /* syncfs reports a writeback error once per open file description (the file system's errseq is sampled at open
+     * and advanced by each report). Through a descriptor shared with another group (the volume's root_fd, used by
+     * every commit thread and inherited by forked workers), an error that hit *this* group's pages could be reported
+     * to the other group alone, and this group would be renamed into place as if durable. So each group syncs
+     * through a description of its own, opened before it writes anything: every error on its pages is reported to
+     * it. (Errors of other writers reported here too only cost the per-file fallback below.) */
+    int sfd = openat(root_fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     Py_ssize_t staged = 0;
     for (Py_ssize_t i = 0; i < n; i++)
         if (stage(&items[i]) == 0) staged++;
-    if (!staged) return;
-    if (syncfs(root_fd) != 0) {
+    if (!staged) {
+        if (sfd >= 0) close(sfd);
+        return;
+    }
+    if (sync_through(sfd) != 0) {
         for (Py_ssize_t i = 0; i < n; i++)
             if (items[i].fd >= 0 && fsync(items[i].fd) != 0) fail_staged(&items[i], errno);
     }
     for (Py_ssize_t i = 0; i < n; i++)
         if (items[i].fd >= 0) rename_staged(&items[i]);
-    if (syncfs(root_fd) != 0) {
+    if (sync_through(sfd) != 0) {
         for (Py_ssize_t i = 0; i < n; i++) {
             if (!items[i].renamed) continue;
             const char *dir_path = PyBytes_AS_STRING(items[i].dir_b);
@@ -378,6 +392,7 @@ static void commit_group(int root_fd, group_item *items, Py_ssize_t n) {
             if (dfd >= 0) close(dfd);
         }
     }
+    if (sfd >= 0) close(sfd);
 }
 
 static void release_item(group_item *it) {

@@ -1,4 +1,5 @@
-"""keepstore._fileio's direct writes where the file system will not have them (write_data's fallbacks).
+"""keepstore._fileio's direct writes where the file system will not have them (write_data's fallbacks), and the
+descriptor group commit syncs through.
 
 O_DIRECT is refused in two ways: by fcntl(F_SETFL) (file systems without direct I/O) or by the write itself with
 EINVAL (an alignment the device does not accept). Either way the block must still be written whole, buffered. Any
@@ -21,6 +22,7 @@ SHIM = r"""
 #include <errno.h>
 #include <fcntl.h>
 #include <stdarg.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/types.h>
@@ -56,6 +58,25 @@ static int shim_fcntl(int fd, int cmd, va_list ap) {
     }
 SHIM_FCNTL(fcntl)
 SHIM_FCNTL(fcntl64)
+
+/* FILEIO_SYNCFS_LOG: append "<fd> <what it refers to>" for every syncfs call, then sync for real. */
+int syncfs(int fd) {
+    static int (*real_syncfs)(int);
+    if (!real_syncfs) real_syncfs = dlsym(RTLD_NEXT, "syncfs");
+    const char *log = getenv("FILEIO_SYNCFS_LOG");
+    if (log) {
+        char link[64], target[4096];
+        snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+        ssize_t len = readlink(link, target, sizeof target - 1);
+        target[len < 0 ? 0 : len] = 0;
+        FILE *f = fopen(log, "a");
+        if (f) {
+            fprintf(f, "%d %s\n", fd, target);
+            fclose(f);
+        }
+    }
+    return real_syncfs(fd);
+}
 
 ssize_t write(int fd, const void *buf, size_t n) {
     if (!real_write) real_write = dlsym(RTLD_NEXT, "write");
@@ -118,3 +139,41 @@ def test_refused_direct_io_falls_back_to_buffered_writes(shim: Path, tmp_path: P
 
 def test_other_errors_of_a_direct_write_are_raised(shim: Path, tmp_path: Path) -> None:
     assert write_through(shim, "write-eio", tmp_path / "block", 1 << 20) == "append 5"  # EIO, not swallowed
+
+
+GROUPS = r"""
+import asyncio, hashlib, os, sys
+from keepstore.config import VolumeSpec
+from keepstore.volumes.directory import DirectoryParameters, DirectoryVolume
+root = sys.argv[1]
+spec = VolumeSpec(uuid="zzzzz-nyw5e-000000000000000", driver="Directory", parameters={"Root": root}, key_path="V")
+
+async def main():
+    vol = DirectoryVolume(spec, DirectoryParameters(root=root, group_commit=True))
+    assert vol.group_commit
+    for _ in range(3):  # one after the other: three groups
+        data = os.urandom(4096)
+        await vol.block_write(hashlib.md5(data).hexdigest(), memoryview(data))
+    print(vol._root_fd)
+    await vol.close()
+
+asyncio.run(main())
+"""
+
+
+def test_each_group_syncs_through_a_descriptor_of_its_own(shim: Path, tmp_path: Path) -> None:
+    # syncfs reports a writeback error once per open file description: through the volume's shared root fd, an
+    # error on one group's pages could be reported to another group only, and the first would be renamed into place
+    # as if durable. So every group opens its own description of the root for its two syncfs calls.
+    root = tmp_path / "vol"
+    root.mkdir()
+    log = tmp_path / "syncfs.log"
+    env = {"LD_PRELOAD": str(shim), "FILEIO_SYNCFS_LOG": str(log), "PATH": "/usr/bin:/bin"}
+    child = [sys.executable, "-c", GROUPS, str(root)]
+    done = subprocess.run(child, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    shared_fd = int(done.stdout.strip())
+    calls = [line.split(" ", 1) for line in log.read_text().splitlines()]
+    assert len(calls) == 6  # two per group
+    assert all(target == str(root) for _, target in calls)
+    assert all(int(fd) != shared_fd for fd, _ in calls)
