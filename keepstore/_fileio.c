@@ -30,8 +30,9 @@
  * (dir_path, tmp_path, final_path, data, xattr_name, xattr_value) tuples. Each temp file is created, locked and
  * written as by write_block, without an fsync; then one syncfs(2) of the file system that holds ``root_fd``
  * (through a descriptor opened for the group: see commit_group) makes all of them durable at once; then each is
- * renamed into place under its directory's flock; then a second syncfs makes the renames durable. A block therefore becomes visible only once its data is on disk, as with write_block,
- * and the call returns only once every rename is on disk too. Two syncfs calls cost far less than an fsync of every
+ * renamed into place under its directory's flock; then a second syncfs makes the renames durable. A block
+ * therefore becomes visible only once its data is on disk, as with write_block, and the call returns only once
+ * every rename is on disk too. Two syncfs calls cost far less than an fsync of every
  * file and of every directory (on this class of machine about 2.5 times the files per second for the same CPU).
  * Where a syncfs fails (it reports writeback errors since Linux 5.8: the caller checks), the blocks it covered are
  * fsynced one by one (files), or their directories are (renames), so that each error lands on the block it hit.
