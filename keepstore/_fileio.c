@@ -9,8 +9,8 @@
  *
  * sets the file's mtime to now (nanoseconds) and fsyncs ``fd``, then, holding an exclusive flock on ``dir_path``
  * (keepstore.volumes.directory serialises renames, trash and untrash with it), renames ``tmp_path`` to
- * ``final_path``, closes ``fd`` (always closed, whatever fails) and fsyncs the directory. Raises OSError (errno, message, the path
- * concerned) at the first failure; the temp file is left for the caller to remove.
+ * ``final_path``, closes ``fd`` (always closed, whatever fails) and fsyncs the directory. Raises OSError (errno,
+ * message, the path concerned) at the first failure; the temp file is left for the caller to remove.
  *
  *   write_block(dir_path, tmp_path, final_path, data, xattr_name, xattr_value)
  *
