@@ -87,6 +87,18 @@ def ensure_tools() -> None:
     subprocess.run(["apt-get", "install", "-y", "-q", "nginx", "wrk"], check=True, env=env, stdout=subprocess.DEVNULL)
 
 
+def machine_cpu() -> tuple[float, float, float]:
+    """CPU seconds this machine has spent so far: (busy, idle + iowait, stolen by the hypervisor), all CPUs.
+
+    A server's own CPU (cpu_seconds) leaves out work the kernel does for it in its own threads (file-system
+    writeback, block I/O completion, network softirqs): where the cores are saturated, only these figures show it.
+    """
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq) / CLK, (idle + iowait) / CLK, steal / CLK
+
+
 def cpu_seconds(pids: list[int]) -> float:
     total = 0
     for pid in pids:
@@ -315,6 +327,8 @@ class Result:
     wrapped: int
     server_cpu: float
     wrk_cpu: float
+    machine_busy: float  # cores busy on the whole machine (servers, load generator, kernel threads)
+    machine_steal: float  # cores taken by the hypervisor
     rss_mib: float
 
 
@@ -354,6 +368,7 @@ def run_wrk(
         command += ["--latency", "-s", str(LUA / script), url]
     reset_peak_rss(pids)
     cpu0 = cpu_seconds(pids)
+    machine0 = machine_cpu()
     t0 = time.monotonic()
     proc = subprocess.Popen(
         command,
@@ -369,6 +384,8 @@ def run_wrk(
     out = proc.stdout.read() if proc.stdout else ""
     elapsed = time.monotonic() - t0
     server_cpu = (cpu_seconds(pids) - cpu0) / elapsed
+    machine1 = machine_cpu()
+    busy, steal = ((machine1[i] - machine0[i]) / elapsed for i in (0, 2))
     rss = peak_rss_mib(pids)
     if "Requests/sec:" not in out:
         raise RuntimeError(f"wrk failed:\n{out}")
@@ -390,6 +407,8 @@ def run_wrk(
         wrapped=int(m.group(1)) if m else 0,
         server_cpu=server_cpu,
         wrk_cpu=wrk_cpu / elapsed,
+        machine_busy=busy,
+        machine_steal=steal,
         rss_mib=rss,
     )
 
@@ -500,6 +519,12 @@ def durable_write_ceiling(
 
 
 # --- main --------------------------------------------------------------------------------------------------------
+
+RESULT_COLUMNS = [
+    *("work", "conns", "server", "throughput", "p50 ms", "p99 ms", "server CPU (cores)", "wrk CPU (cores)"),
+    *("machine busy (cores)", "stolen (cores)", "peak RSS MiB"),
+]
+RESULT_HEAD = "| " + " | ".join(RESULT_COLUMNS) + " |\n" + "|---" * len(RESULT_COLUMNS) + "|"
 
 
 def fmt_tput(size: int, r: Result) -> str:
@@ -632,7 +657,8 @@ def main() -> None:
                         r = cell[name]
                         row = (
                             f"| {op} {label} | {conns} | {name} | {fmt_tput(size, r)} | {r.p50_ms:.2f} | "
-                            f"{r.p99_ms:.2f} | {r.server_cpu:.2f} | {r.wrk_cpu:.2f} | {r.rss_mib:.0f} |"
+                            f"{r.p99_ms:.2f} | {r.server_cpu:.2f} | {r.wrk_cpu:.2f} | {r.machine_busy:.2f} | "
+                            f"{r.machine_steal:.2f} | {r.rss_mib:.0f} |"
                             + (f" {r.errors} errors" if r.errors else "")
                             + (f" {r.wrapped} reused names" if r.wrapped else "")
                         )
@@ -686,9 +712,13 @@ syncfs, rename the batch, syncfs):
 |---|---|---|---|---|
 {ceiling_rows}
 
-| work | conns | server | throughput | p50 ms | p99 ms | server CPU (cores) | wrk CPU (cores) | peak RSS MiB |
-|---|---|---|---|---|---|---|---|---|
+{RESULT_HEAD}
 {chr(10).join(rows)}
+
+"server CPU" is the server's processes' own; "machine busy" is all of this machine's {os.cpu_count()} CPUs (the server,
+the load generator ("wrk CPU": wrk, or bench/putgen.py), and kernel threads such as file-system writeback, which
+no process is charged for); "stolen" is time the hypervisor gave to other guests. Where busy + stolen is near the
+CPU count, the cell is CPU-bound however little "server CPU" says.
 
 keepstore / nginx (requests per second, same run):
 
