@@ -511,7 +511,9 @@ class DirectoryVolume(Volume):
         try:
             if self._direct:
                 assert _native_append is not None
-                _native_append(fd, data, True)  # the data is on its way to the device when this returns
+                # The aligned part goes straight to the device. Where the file system refuses O_DIRECT this is a
+                # buffered write, without the early-writeback hint below (the final fsync still covers it).
+                _native_append(fd, data, True)
                 self.stats.io(written=len(data))
                 return
             pos = 0
