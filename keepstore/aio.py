@@ -132,13 +132,18 @@ class BatchingThreadPool(ThreadPool):
                     raise RuntimeError(f"batch returned {len(results)} results for {len(jobs)} jobs")
             except BaseException as exc:
                 results = [exc] * len(jobs)
+            # One wake-up per event loop for the whole batch, not one per job: each call_soon_threadsafe writes to
+            # the loop's self-pipe, a system call here and a wake-up and a read there.
+            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_PoolJob[Any], Any, BaseException | None]]] = {}
             for j, result in zip(jobs, results, strict=True):
                 error = result if isinstance(result, BaseException) else None
+                by_loop.setdefault(j.loop, []).append((j, None if error is not None else result, error))
+            for loop, done in by_loop.items():
                 try:
-                    j.loop.call_soon_threadsafe(_finished, j, None if error is not None else result, error)
+                    loop.call_soon_threadsafe(_finished_all, done)
                 except RuntimeError:
-                    pass  # the loop is closed: nobody waits for this job any more
-            del job, jobs, results
+                    pass  # the loop is closed: nobody waits for these jobs any more
+            del job, jobs, results, by_loop
 
 
 def _in_batch(*args: Any) -> Any:
@@ -155,6 +160,11 @@ class _PoolJob(Generic[T]):
         self.future: asyncio.Future[T] = loop.create_future()
         self.waiter: asyncio.Future[None] | None = None
         self.finished = False
+
+
+def _finished_all(done: list[tuple[_PoolJob[Any], Any, BaseException | None]]) -> None:
+    for job, value, error in done:
+        _finished(job, value, error)
 
 
 def _finished(job: _PoolJob[Any], value: Any, error: BaseException | None) -> None:

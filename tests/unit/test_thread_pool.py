@@ -210,6 +210,36 @@ def test_jobs_queued_while_a_batch_runs_form_the_next_batch_and_get_their_own_re
     assert gate.batches == [[("a",)], [("b",), ("bad",), ("c",)]]
 
 
+def test_a_batch_wakes_its_event_loop_once() -> None:
+    """Each call_soon_threadsafe is a write to the loop's self-pipe: a batch's results go back in one."""
+    gate = _Gate()
+    wakeups: list[str] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        real = loop.call_soon_threadsafe
+
+        def counting(callback, *args, **kwargs):  # type: ignore[no-untyped-def]
+            if threading.current_thread().name.startswith("b_"):  # the pool's thread, not the executor's
+                wakeups.append(threading.current_thread().name)
+            return real(callback, *args, **kwargs)
+
+        loop.call_soon_threadsafe = counting  # type: ignore[method-assign,assignment]
+        pool = BatchingThreadPool(gate, 1, "b")
+        first = asyncio.ensure_future(pool.submit("a"))
+        await _until(gate.taken)
+        rest = [asyncio.ensure_future(pool.submit(x)) for x in ("b", "bad", "c")]
+        await asyncio.sleep(0.05)
+        gate.released.set()
+        results = await asyncio.gather(first, *rest, return_exceptions=True)
+        assert results[:2] == ["done a", "done b"] and isinstance(results[2], KeyError) and results[3] == "done c"
+        await pool.shutdown()
+
+    asyncio.run(main())
+    assert len(gate.batches) == 2
+    assert len(wakeups) == 2  # one per batch, not one per job
+
+
 def test_batches_are_capped() -> None:
     gate = _Gate()
 
