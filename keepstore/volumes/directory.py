@@ -679,20 +679,31 @@ class DirectoryVolume(Volume):
                 return False
             if md5.hexdigest() == hash:
                 return False  # replaced by a good copy since the caller read it
-            os.makedirs(qdir, mode=0o755, exist_ok=True)
-            self.stats.op("rename")
-            os.rename(path, f"{qdir}/{hash}.{time.time_ns()}")
+            try:
+                os.mkdir(qdir, mode=0o755)
+                _fsync_dir(self.root)  # the new directory's own entry
+            except FileExistsError:
+                pass
+            # Opened before the rename and fsynced after it: a writeback error on the directory in between is
+            # reported to a descriptor only if that descriptor was open when it happened.
+            try:
+                qfd = os.open(qdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError as exc:  # not "the block vanished" (the caller's reading of ENOENT and ENOTDIR)
+                raise self._fail("quarantine", qdir, exc) from exc
+            try:
+                self.stats.op("rename")
+                os.rename(path, f"{qdir}/{hash}.{time.time_ns()}")
+                os.fsync(qfd)
+            finally:
+                os.close(qfd)
             return True
 
         try:
-            moved = self._locked_in_dir(self._dir(hash), quarantine, fsync=True)
+            return self._locked_in_dir(self._dir(hash), quarantine, fsync=True)
         except (FileNotFoundError, NotADirectoryError):
             return False
         except OSError as exc:
             raise self._fail("quarantine", path, exc) from exc
-        if moved:
-            _fsync_dir(qdir)
-        return moved
 
     def _is_full(self) -> bool:
         """Whether writes are refused: a recent ``full`` marker (any process may set or clear it), or too little

@@ -652,6 +652,58 @@ def test_quarantine_leaves_good_copy(root: Path) -> None:
     run(root, body)
 
 
+def test_quarantine_fsyncs_its_directory_through_a_descriptor_opened_before_the_rename(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writeback error is reported only to descriptors open when it happens: one opened after the rename could
+    miss an error on the very directory block the rename changed."""
+    calls: list[tuple[str, object]] = []
+    real_open, real_rename, real_fsync = os.open, os.rename, os.fsync
+    qdir = str(root / "quarantine")
+
+    def logged_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        fd = real_open(path, flags, *args, **kwargs)
+        if str(path) == qdir:
+            calls.append(("open", fd))
+        return fd
+
+    def logged_rename(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        if str(dst).startswith(qdir + "/"):
+            calls.append(("rename", str(dst)))
+        real_rename(src, dst, *args, **kwargs)
+
+    def logged_fsync(fd: int) -> None:
+        if any(c == ("open", fd) for c in calls):
+            calls.append(("fsync", fd))
+        real_fsync(fd)
+
+    async def body(vol: DirectoryVolume) -> None:
+        h = await put(vol, b"pristine data")
+        (root / h[:3] / h).write_bytes(b"corrupt  data")
+        monkeypatch.setattr(os, "open", logged_open)
+        monkeypatch.setattr(os, "rename", logged_rename)
+        monkeypatch.setattr(os, "fsync", logged_fsync)
+        assert await vol.block_quarantine(h) is True
+        monkeypatch.undo()
+
+    run(root, body)
+    kinds = [kind for kind, _ in calls]
+    assert kinds == ["open", "rename", "fsync"]
+    assert calls[0][1] == calls[2][1]  # the descriptor fsynced is the one opened before the rename
+
+
+def test_quarantine_refuses_when_its_directory_is_not_one(root: Path) -> None:
+    async def body(vol: DirectoryVolume) -> None:
+        h = await put(vol, b"pristine data")
+        (root / h[:3] / h).write_bytes(b"corrupt  data")
+        (root / "quarantine").write_bytes(b"")  # an operator's mistake
+        with pytest.raises(VolumeError):
+            await vol.block_quarantine(h)
+        assert (root / h[:3] / h).read_bytes() == b"corrupt  data"  # left where it was
+
+    run(root, body)
+
+
 # --- MD5 checkpoints (keepstore.hashing): kept in an xattr, checked on reads, learned by verified reads --------------
 
 
