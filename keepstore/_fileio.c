@@ -23,6 +23,7 @@
  *   append(fd, data, direct=False)
  *
  * writes all of ``data`` at ``fd``'s offset (a block arriving in pieces), with O_DIRECT as above if ``direct``.
+ * Returns how many of its bytes, at the end, went through the page cache (the caller may start their writeback).
  *
  *   write_group(root_fd, items)
  *
@@ -179,10 +180,11 @@ static int write_all(int fd, const char *p, size_t n) {
  * O_DIRECT needs the buffer address, the file offset and the length aligned (to the device's logical block size;
  * DIRECT_ALIGN covers every common device). The unaligned tail, an unaligned buffer, or a file system that refuses
  * O_DIRECT (EINVAL from fcntl or from the write: tmpfs before Linux 6.6, some FUSE and network file systems) are
- * written buffered, from wherever the direct part stopped. Either way the file holds exactly the bytes given. */
+ * written buffered, from wherever the direct part stopped. Either way the file holds exactly the bytes given.
+ * Returns -1 (errno set) on failure, else how many of the bytes (at the end of the data) went buffered. */
 #define DIRECT_ALIGN 4096
 
-static int write_data(int fd, const char *p, size_t n, int direct) {
+static ssize_t write_data(int fd, const char *p, size_t n, int direct) {
     if (direct && n >= DIRECT_ALIGN && ((uintptr_t)p % DIRECT_ALIGN) == 0) {
         off_t pos = lseek(fd, 0, SEEK_CUR);
         int flags = fcntl(fd, F_GETFL);
@@ -199,7 +201,7 @@ static int write_data(int fd, const char *p, size_t n, int direct) {
             n -= done;
         }
     }
-    return write_all(fd, p, n);
+    return write_all(fd, p, n) != 0 ? -1 : (ssize_t)n;
 }
 
 static int write_file(const char *dir_path, const char *tmp_path, const char *final_path, const char *data,
@@ -219,7 +221,7 @@ static int write_file(const char *dir_path, const char *tmp_path, const char *fi
         f->path = dir_path;
         return -1;
     }
-    if (flock(fd, LOCK_EX) != 0 || write_data(fd, data, len, direct) != 0) {
+    if (flock(fd, LOCK_EX) != 0 || write_data(fd, data, len, direct) < 0) {
         f->err = errno;
         f->path = tmp_path;
         close(fd);
@@ -460,23 +462,25 @@ static PyObject *append(PyObject *module, PyObject *args) {
     int fd, direct = 0;
     Py_buffer data;
     if (!PyArg_ParseTuple(args, "iy*|p", &fd, &data, &direct)) return NULL;
-    int rc, err;
+    ssize_t rc;
+    int err;
     Py_BEGIN_ALLOW_THREADS
     rc = write_data(fd, data.buf, (size_t)data.len, direct);
     err = errno;
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&data);
-    if (rc != 0) {
+    if (rc < 0) {
         errno = err;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
-    Py_RETURN_NONE;
+    return PyLong_FromSsize_t(rc);
 }
 
 static PyMethodDef methods[] = {
     {"append", append, METH_VARARGS,
      "append(fd, data, direct=False): write all of data at fd's offset, the aligned part with O_DIRECT if direct "
-     "(see write_data in the module source). Raises OSError."},
+     "(see write_data in the module source). Returns how many bytes, at the end of data, went buffered. Raises "
+     "OSError."},
     {"write_group", write_group, METH_VARARGS,
      "write_group(root_fd, items): group commit of several in-memory blocks with two syncfs calls (see the module "
      "source). Returns, per item, what write_block would return or the OSError it would raise."},

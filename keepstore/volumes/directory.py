@@ -108,7 +108,7 @@ def _finish_block_py(fd: int, dir_path: str, tmp_path: str, final_path: str) -> 
 
 
 _native_write_block: Callable[[str, str, str, memoryview, str, bytes | None, bool], int] | None
-_native_append: Callable[[int, memoryview, bool], None] | None
+_native_append: Callable[[int, memoryview, bool], int] | None
 _GroupItem = tuple[str, str, str, bytes | memoryview, str, bytes | None]  # write_group's (see keepstore/_fileio.c)
 _native_write_group: Callable[[int, list[_GroupItem]], list[int | OSError]] | None
 try:
@@ -513,20 +513,21 @@ class DirectoryVolume(Volume):
 
     def _append(self, hash: str, tmp: str, fd: int, data: memoryview, offset: int) -> None:
         try:
+            end = offset + len(data)
             if self._direct:
                 assert _native_append is not None
-                # The aligned part goes straight to the device. Where the file system refuses O_DIRECT this is a
-                # buffered write, without the early-writeback hint below (the final fsync still covers it).
-                _native_append(fd, data, True)
-                self.stats.io(written=len(data))
-                return
-            pos = 0
-            while pos < len(data):
-                pos += os.write(fd, data[pos : pos + 8 * _COPY_CHUNK])
-            self.stats.io(written=pos)
-            if offset or pos >= _STREAM_SEGMENT:
+                # The aligned part goes straight to the device; what went through the page cache instead (the
+                # unaligned tail, or everything where the file system refuses O_DIRECT) gets the hint below.
+                buffered = _native_append(fd, data, True)
+            else:
+                pos = 0
+                while pos < len(data):
+                    pos += os.write(fd, data[pos : pos + 8 * _COPY_CHUNK])
+                buffered = pos
+            self.stats.io(written=len(data))
+            if buffered and (offset or len(data) >= _STREAM_SEGMENT):
                 # Start writing this range to disk now, without waiting: the final fsync then has little left.
-                _sync_file_range(fd, offset, pos)
+                _sync_file_range(fd, end - buffered, buffered)
         except OSError as exc:
             raise self._write_error(exc, tmp) from exc
 

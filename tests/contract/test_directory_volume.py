@@ -1238,3 +1238,35 @@ def test_direct_writes_store_every_size_exactly(root: Path, size: int) -> None:
         assert (root / h[:3] / h).read_bytes() == data
 
     run(root, body, direct_writes=True)
+
+
+@pytest.mark.parametrize("refused", [False, True], ids=["direct", "o-direct-refused"])
+def test_streamed_pieces_that_went_through_the_page_cache_get_their_writeback_started(
+    root: Path, monkeypatch: pytest.MonkeyPatch, refused: bool
+) -> None:
+    """sync_file_range starts the writeback of what a streamed piece left in the page cache, so that the final fsync
+    has little left to do: all of each piece where the file system refuses O_DIRECT (the native append then writes
+    it buffered, as it does here with direct=False), only the unaligned tail where it takes it."""
+    if not refused:
+        _needs_page_cache(root)  # the same file systems refuse O_DIRECT
+    real_append = directory._native_append
+    assert real_append is not None
+    hints: list[tuple[int, int]] = []
+    monkeypatch.setattr(directory, "_sync_file_range", lambda fd, offset, n: hints.append((offset, n)))
+    if refused:
+        monkeypatch.setattr(directory, "_native_append", lambda fd, data, direct: real_append(fd, data, False))
+    first, second = 4 << 20, (1 << 20) + 100
+    data = os.urandom(first + second)
+
+    async def body(vol: DirectoryVolume) -> None:
+        buf = mmap_buffer(len(data))
+        buf[:] = data
+        h = md5(data)
+        writer = await vol.block_writer(h)
+        await writer.write(buf[:first])
+        await writer.write(buf[first:])
+        await writer.commit()
+        assert (root / h[:3] / h).read_bytes() == data
+
+    run(root, body, direct_writes=True)
+    assert hints == ([(0, first), (first, second)] if refused else [(first + second - 100, 100)])
