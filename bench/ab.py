@@ -1,0 +1,95 @@
+"""A/B one benchmark cell between keepstore source trees, in interleaved runs (no nginx, no docs written).
+
+    .venv/bin/python bench/ab.py --src /tmp/old --src . --work put --size 4096 --conc 8 --rounds 3
+
+Each round runs the cell once per tree, in the order given, each time against a freshly started keepstore on a
+fresh directory volume (under bench/.work-ab). The figures of one cell swing with the file system's state and the
+neighbours on a shared machine (see docs/benchmarks.md, "The file system"), so only rounds run side by side
+compare, and CPU per request (user and system time of the keepstore processes) says more than throughput. A tree
+is a worktree with its C extensions built in place (``python setup.py build_ext --inplace``); ``.`` is this one.
+The files written are removed at the end; give the file system a few minutes before a run that creates many
+files (bench/http_bench.py waits 310 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.http_bench import USER_TOKEN, Blocks, Keepstore, ensure_tools, run_wrk, seed, sign, warm
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def process_cpu(pids: list[int]) -> tuple[float, float]:
+    """User and system seconds of these processes (their threads included)."""
+    user = system = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        user += int(fields[11]) / 100
+        system += int(fields[12]) / 100
+    return user, system
+
+
+def one_cell(src: str, work: str, size: int, conns: int, duration: float, workers: int) -> str:
+    base = ROOT / "bench" / ".work-ab" / f"{time.time_ns()}"
+    base.mkdir(parents=True)
+    ks = Keepstore(base, 64, workers, src)
+    try:
+        blocks = Blocks(base, size)
+        if work == "put":
+            first, names = blocks.names_file(int(duration * conns * 2500) + 100)
+            script, extra = "put.lua", (blocks.base_path, first)
+        else:
+            first, stored = blocks.names(1000 if size <= 1 << 20 else 16)
+            seed(ks.url, blocks, first, stored, USER_TOKEN)
+            locators = [sign(f"{n}+{size}") for n in stored]
+            warm(ks.url, locators, USER_TOKEN)  # direct writes leave fresh blocks out of the page cache
+            names = base / "signed"
+            names.write_text("\n".join(locators) + "\n")
+            script, extra = "get.lua", (None, 0)
+        pids = ks.pids
+        user0, sys0 = process_cpu(pids)
+        r = run_wrk(ks.url, script, names, size, conns, duration, USER_TOKEN, pids, *extra)
+        user1, sys1 = process_cpu(pids)
+        n = max(1.0, r.rps * duration)
+        return (
+            f"{r.rps:9,.0f} req/s  p50 {r.p50_ms:7.2f} ms  user/req {1e6 * (user1 - user0) / n:6.0f} us  "
+            f"sys/req {1e6 * (sys1 - sys0) / n:6.0f} us  busy {r.machine_busy:.2f}  stolen {r.machine_steal:.2f}"
+        )
+    finally:
+        ks.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--src", action="append", required=True, help="a keepstore source tree (repeat: A, B, ...)")
+    ap.add_argument("--work", choices=["put", "get"], default="put")
+    ap.add_argument("--size", type=int, default=4096, help="block size in bytes")
+    ap.add_argument("--conc", type=int, default=8, help="connections")
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds per cell")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=0, help="keepstore worker processes (0: its default)")
+    args = ap.parse_args()
+    if args.rounds < 1 or args.duration <= 0 or args.conc < 1:
+        ap.error("--rounds, --duration and --conc must be positive")
+    ensure_tools()
+    trees = [str(Path(s).resolve()) for s in args.src]
+    for rnd in range(args.rounds):
+        for tree in trees:
+            line = one_cell(tree, args.work, args.size, args.conc, args.duration, args.workers)
+            print(f"round {rnd + 1}  {tree:<30} {line}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
