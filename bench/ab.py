@@ -5,10 +5,11 @@
 Each round runs the cell once per tree, in the order given, each time against a freshly started keepstore on a
 fresh directory volume (under bench/.work-ab). The figures of one cell swing with the file system's state and the
 neighbours on a shared machine (see docs/benchmarks.md, "The file system"), so only rounds run side by side
-compare, and CPU per request (user and system time of the keepstore processes) says more than throughput. A tree
-is a worktree with its C extensions built in place (``python setup.py build_ext --inplace``); ``.`` is this one.
-The files written are removed at the end; give the file system a few minutes before a run that creates many
-files (bench/http_bench.py waits 310 s).
+compare, and CPU per request (user and system time of the keepstore processes) says more than throughput; the
+"stolen" column shows when the hypervisor took the machine away. A tree is a worktree with its C extensions built
+in place (``python setup.py build_ext --inplace``); ``.`` is this one. No cell deletes anything (on ext4 without a
+journal, file creation is slow for minutes after a mass deletion, which would penalise the next cell): the files
+of the whole run are removed at its end, so give the file system a few minutes before the next run.
 """
 
 from __future__ import annotations
@@ -40,8 +41,11 @@ def process_cpu(pids: list[int]) -> tuple[float, float]:
     return user, system
 
 
+WORK = ROOT / "bench" / ".work-ab"
+
+
 def one_cell(src: str, work: str, size: int, conns: int, duration: float, workers: int) -> str:
-    base = ROOT / "bench" / ".work-ab" / f"{time.time_ns()}"
+    base = WORK / f"{time.time_ns()}"
     base.mkdir(parents=True)
     ks = Keepstore(base, 64, workers, src)
     try:
@@ -68,7 +72,6 @@ def one_cell(src: str, work: str, size: int, conns: int, duration: float, worker
         )
     finally:
         ks.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def main() -> None:
@@ -85,10 +88,14 @@ def main() -> None:
         ap.error("--rounds, --duration and --conc must be positive")
     ensure_tools()
     trees = [str(Path(s).resolve()) for s in args.src]
-    for rnd in range(args.rounds):
-        for tree in trees:
-            line = one_cell(tree, args.work, args.size, args.conc, args.duration, args.workers)
-            print(f"round {rnd + 1}  {tree:<30} {line}", flush=True)
+    try:
+        for rnd in range(args.rounds):
+            for tree in trees:
+                line = one_cell(tree, args.work, args.size, args.conc, args.duration, args.workers)
+                print(f"round {rnd + 1}  {tree:<30} {line}", flush=True)
+    finally:
+        print(f"removing {WORK} ...", flush=True)
+        shutil.rmtree(WORK, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,14 @@
  * Returns one entry per item, in order: the int write_block would return, or the OSError it would raise (the temp
  * file removed; a block whose rename was done but whose directory fsync failed stays in place, as write_block
  * leaves it).
+ *
+ *   write_group(root_fd, items, True)
+ *
+ * (``if_absent``) renames no temp file over an existing block (renameat2 RENAME_NOREPLACE, or link + unlink where the file system
+ * lacks it): where the block is already there, its temp file is removed and its entry is None. The caller then
+ * compares the stored copy and touches it. This is the existence check of a PUT, done here by the rename that has
+ * to look the name up anyway, instead of a stat on the caller's event loop (for a new block that lookup searches
+ * the directory, from disk if its blocks are not cached).
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -281,7 +289,7 @@ typedef struct {
     Py_buffer data, xvalue;
     int have_x;
     PyObject *dir_str, *tmp_str, *dir_b, *tmp_b, *final_b, *xname_b;
-    int fd, xerr, renamed;
+    int fd, xerr, renamed, existed;
     failure f;
 } group_item;
 
@@ -327,7 +335,17 @@ static void fail_staged(group_item *it, int err) {
     unlink(PyBytes_AS_STRING(it->tmp_b));
 }
 
-static void rename_staged(group_item *it) {
+/* rename(2) that fails with EEXIST instead of replacing an existing ``final_path``. */
+static int rename_if_absent(const char *tmp_path, const char *final_path) {
+    if (renameat2(AT_FDCWD, tmp_path, AT_FDCWD, final_path, RENAME_NOREPLACE) == 0) return 0;
+    if (errno != EINVAL && errno != ENOSYS) return -1;
+    /* A file system without RENAME_NOREPLACE: link(2) refuses an existing name too. */
+    if (link(tmp_path, final_path) != 0) return -1;
+    unlink(tmp_path);
+    return 0;
+}
+
+static void rename_staged(group_item *it, int if_absent) {
     const char *dir_path = PyBytes_AS_STRING(it->dir_b), *tmp_path = PyBytes_AS_STRING(it->tmp_b);
     int dfd = open(dir_path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (dfd < 0) {
@@ -344,10 +362,19 @@ static void rename_staged(group_item *it) {
         }
     }
     if (err == 0) {
-        if (rename(tmp_path, PyBytes_AS_STRING(it->final_b)) != 0) err = errno;
+        if ((if_absent ? rename_if_absent(tmp_path, PyBytes_AS_STRING(it->final_b))
+                       : rename(tmp_path, PyBytes_AS_STRING(it->final_b))) != 0)
+            err = errno;
         flock(dfd, LOCK_UN);
     }
     close(dfd);
+    if (err == EEXIST && if_absent) {
+        close(it->fd);
+        it->fd = -1;
+        unlink(tmp_path);
+        it->existed = 1;
+        return;
+    }
     if (err != 0) {
         fail_staged(it, err);
         return;
@@ -360,7 +387,7 @@ static void rename_staged(group_item *it) {
 /* syncfs through ``fd``; a descriptor that could not be opened counts as a failed syncfs (the fallbacks run). */
 static int sync_through(int fd) { return fd < 0 ? -1 : syncfs(fd); }
 
-static void commit_group(int root_fd, group_item *items, Py_ssize_t n) {
+static void commit_group(int root_fd, group_item *items, Py_ssize_t n, int if_absent) {
     /* syncfs reports a writeback error once per open file description (the file system's errseq is sampled at open
      * and advanced by each report). Through a descriptor shared with another group (the volume's root_fd, used by
      * every commit thread and inherited by forked workers), an error that hit *this* group's pages could be reported
@@ -380,7 +407,7 @@ static void commit_group(int root_fd, group_item *items, Py_ssize_t n) {
             if (items[i].fd >= 0 && fsync(items[i].fd) != 0) fail_staged(&items[i], errno);
     }
     for (Py_ssize_t i = 0; i < n; i++)
-        if (items[i].fd >= 0) rename_staged(&items[i]);
+        if (items[i].fd >= 0) rename_staged(&items[i], if_absent);
     if (sync_through(sfd) != 0) {
         for (Py_ssize_t i = 0; i < n; i++) {
             if (!items[i].renamed) continue;
@@ -407,9 +434,9 @@ static void release_item(group_item *it) {
 }
 
 static PyObject *write_group(PyObject *module, PyObject *args) {
-    int root_fd;
+    int root_fd, if_absent = 0;
     PyObject *list;
-    if (!PyArg_ParseTuple(args, "iO!", &root_fd, &PyList_Type, &list)) return NULL;
+    if (!PyArg_ParseTuple(args, "iO!|p", &root_fd, &PyList_Type, &list, &if_absent)) return NULL;
     Py_ssize_t n = PyList_GET_SIZE(list);
     group_item *items = calloc(n ? (size_t)n : 1, sizeof(group_item));
     if (!items) return PyErr_NoMemory();
@@ -434,7 +461,7 @@ static PyObject *write_group(PyObject *module, PyObject *args) {
             goto done;
     }
     Py_BEGIN_ALLOW_THREADS
-    commit_group(root_fd, items, n);
+    commit_group(root_fd, items, n, if_absent);
     Py_END_ALLOW_THREADS
     result = PyList_New(n);
     for (Py_ssize_t i = 0; result && i < n; i++) {
@@ -442,6 +469,8 @@ static PyObject *write_group(PyObject *module, PyObject *args) {
         PyObject *entry;
         if (it->renamed) {
             entry = PyLong_FromLong(it->xerr);
+        } else if (it->existed) {
+            entry = Py_NewRef(Py_None);
         } else {
             PyObject *path = it->f.path == PyBytes_AS_STRING(it->dir_b) ? it->dir_str : it->tmp_str;
             entry = PyObject_CallFunction(PyExc_OSError, "isO", it->f.err, strerror(it->f.err), path);
@@ -482,8 +511,9 @@ static PyMethodDef methods[] = {
      "(see write_data in the module source). Returns how many bytes, at the end of data, went buffered. Raises "
      "OSError."},
     {"write_group", write_group, METH_VARARGS,
-     "write_group(root_fd, items): group commit of several in-memory blocks with two syncfs calls (see the module "
-     "source). Returns, per item, what write_block would return or the OSError it would raise."},
+     "write_group(root_fd, items, if_absent=False): group commit of several in-memory blocks with two syncfs calls "
+     "(see the module source). Returns, per item, what write_block would return or the OSError it would raise; "
+     "with if_absent, None for a block that was already there (nothing written)."},
     {"write_block", write_block, METH_VARARGS,
      "write_block(dir_path, tmp_path, final_path, data, xattr_name, xattr_value, direct=False): the whole durable "
      "write of an in-memory block (see the module source). Returns 0 or the errno of a failed setxattr."},

@@ -15,5 +15,6 @@ def append(fd: int, data: bytes | memoryview, direct: bool = False, /) -> int: .
 def write_group(
     root_fd: int,
     items: list[tuple[str, str, str, bytes | memoryview, str, bytes | None]],
+    if_absent: bool = False,
     /,
-) -> list[int | OSError]: ...
+) -> list[int | OSError | None]: ...

@@ -290,6 +290,8 @@ class Store:
         result = PutProgress(classes)
         for mnt in done:
             result.add(mnt)
+        if len(order) == 1:
+            return await self._write_one(hash, data, order[0], result, checkpoints)
         for mnt in order:
             if not result.want(mnt):
                 continue
@@ -306,19 +308,6 @@ class Store:
                 pass
 
         all_full = True
-        if len(order) == 1:
-            # One writable mount, the common case: no writes to run side by side, so no task and no wait set (the
-            # driver returns, even when cancelled, only once it no longer reads ``data``: see volumes.base).
-            mnt = order[0]
-            if not result.done() and result.want(mnt):
-                try:
-                    await mnt.volume.block_write(hash, data, checkpoints)
-                    result.add(mnt)
-                except Exception as exc:
-                    all_full = isinstance(exc, VolumeFull)
-                    log.warning("write failed", extra={"fields": {"hash": hash, "mount": mnt.uuid, "error": str(exc)}})
-            return self._written(hash, data, result, all_full)
-
         pending = result.copy()  # what result will be if every running write succeeds
         running: dict[asyncio.Task[None], Mount] = {}
 
@@ -355,6 +344,45 @@ class Store:
             if running:
                 # Cancelled: the writes still read ``data``; wait for them before the caller frees the buffer.
                 await _wait_uncancellable(list(running))
+        return self._written(hash, data, result, all_full)
+
+    async def _write_one(
+        self, hash: str, data: memoryview, mnt: Mount, result: PutProgress, checkpoints: Checkpoints | None
+    ) -> WriteResult:
+        """``write`` to the only writable mount, the common case: no writes side by side, so no task and no wait set
+        (the driver returns, even when cancelled, only once it no longer reads ``data``: see volumes.base).
+
+        The same rules as with several mounts, in the order that suits a new block: write it unless a copy is there
+        (one call, ``block_create``); only then compare that copy (different bytes: HashCollision) and touch it.
+        """
+        all_full = True
+        if not result.want(mnt):
+            return self._written(hash, data, result, all_full)
+        try:
+            if await mnt.volume.block_create(hash, data, checkpoints):
+                result.add(mnt)
+                return self._written(hash, data, result, all_full)
+            same: bool | None = None
+            try:
+                same = await mnt.volume.block_compare(hash, data)
+            except KeepError:
+                pass  # gone again, or unreadable: written below
+            if same is False:
+                raise HashCollision()
+            if same:
+                try:
+                    await mnt.volume.block_touch(hash)
+                    result.add(mnt)
+                except KeepError:
+                    pass  # rewritten below
+            if result.want(mnt):
+                await mnt.volume.block_write(hash, data, checkpoints)
+                result.add(mnt)
+        except HashCollision:
+            raise
+        except Exception as exc:
+            all_full = isinstance(exc, VolumeFull)
+            log.warning("write failed", extra={"fields": {"hash": hash, "mount": mnt.uuid, "error": str(exc)}})
         return self._written(hash, data, result, all_full)
 
     @staticmethod

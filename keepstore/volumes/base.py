@@ -30,6 +30,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from ..errors import BlockNotFound
 from ..hashing import Checkpoints
 
 
@@ -182,6 +183,22 @@ class Volume(ABC):
         block does, and uses them to verify reads in parallel; one that cannot ignores them.
         Raises VolumeFull when the backend is out of space, VolumeError on other failures.
         """
+
+    async def block_create(self, hash: str, data: memoryview, checkpoints: Checkpoints | None = None) -> bool:
+        """Store ``data`` under ``hash`` as ``block_write`` does unless a copy is already there (trashed copies do
+        not count); return whether it was written. False leaves the existing copy as it is: the caller compares
+        and touches it. Errors as ``block_write``.
+
+        A driver that can let the write itself find the existing copy (an atomic create-if-absent) overrides this
+        check-then-write; either way a PUT of a new block costs the caller no separate round trip.
+        """
+        try:
+            await self.mtime(hash)
+            return False
+        except BlockNotFound:
+            pass
+        await self.block_write(hash, data, checkpoints)
+        return True
 
     @abstractmethod
     async def block_compare(self, hash: str, data: memoryview) -> bool:

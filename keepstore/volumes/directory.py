@@ -110,7 +110,7 @@ def _finish_block_py(fd: int, dir_path: str, tmp_path: str, final_path: str) -> 
 _native_write_block: Callable[[str, str, str, memoryview, str, bytes | None, bool], int] | None
 _native_append: Callable[[int, memoryview, bool], int] | None
 _GroupItem = tuple[str, str, str, bytes | memoryview, str, bytes | None]  # write_group's (see keepstore/_fileio.c)
-_native_write_group: Callable[[int, list[_GroupItem]], list[int | OSError]] | None
+_native_write_group: Callable[[int, list[_GroupItem], bool], list[int | OSError | None]] | None
 try:
     from .._fileio import append as _native_append
     from .._fileio import finish_block as _finish_block
@@ -271,9 +271,18 @@ class DirectoryVolume(Volume):
             # Group commit: the writes that queue up meanwhile share two syncfs calls instead of an fsync of every
             # file and directory (see keepstore/_fileio.c write_group). Same guarantees: visible only once durable,
             # and durable (rename included) when this returns.
-            await self._group.submit(hash, data, checkpoints)
+            await self._group.submit(hash, data, checkpoints, False)
             return
         await self._run(self._write, hash, data, checkpoints)
+
+    async def block_create(self, hash: str, data: memoryview, checkpoints: Checkpoints | None = None) -> bool:
+        # The existence check happens where the write happens, in a thread: for a new block it searches the
+        # directory, from disk if its blocks are not cached, which must not stall the event loop. With group commit
+        # the rename itself is the check (keepstore/_fileio.c write_group, if_absent).
+        if self._group is not None and len(data) <= GROUP_COMMIT_MAX:
+            created: bool = await self._group.submit(hash, data, checkpoints, True)
+            return created
+        return await self._run(self._create, hash, data, checkpoints)
 
     async def block_writer(self, hash: str) -> BlockWriter:
         tmp, fd = await self._run(self._create_temp, hash)
@@ -429,26 +438,54 @@ class DirectoryVolume(Volume):
             self._xattrs = False  # this file system has no user xattrs (see _set_checkpoints)
         self.stats.write_done(("create", "utimes", "rename"), len(data))
 
-    def _write_group(self, jobs: list[tuple[Any, ...]]) -> list[KeepError | None]:
-        """Write the blocks of ``jobs`` ((hash, data, checkpoints) each) in one group commit; an error or None each.
+    def _create(self, hash: str, data: memoryview, checkpoints: Checkpoints | None) -> bool:
+        """block_create without group commit: write the block unless a copy is there; whether it wrote it."""
+        try:
+            self.stats.op("stat")
+            os.stat(self._path(hash))
+            return False
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        except OSError as exc:
+            raise self._fail("stat", self._path(hash), exc) from exc
+        self._write(hash, data, checkpoints)
+        return True
 
-        Errors are returned, not raised: the pool raises each in the request it belongs to.
+    def _write_group(self, jobs: list[tuple[Any, ...]]) -> list[KeepError | bool | None]:
+        """Write the blocks of ``jobs`` in one group commit; per job an error, or its result.
+
+        A job is (hash, data, checkpoints, if_absent). Its result is None for a block_write (which replaces a copy
+        that is there), and for a block_create whether it wrote the block (False: a copy was there, nothing
+        written). Errors are returned, not raised: the pool raises each in the request it belongs to.
         """
         if self._is_full():
             return [VolumeFull() for _ in jobs]
         assert _native_write_group is not None  # group commit is enabled only with the extension
         items = []
-        for hash, data, checkpoints in jobs:
+        for hash, data, checkpoints, _ in jobs:
             directory = self._dir(hash)
             tmp = f"{directory}/tmp{hash}{os.urandom(6).hex()}"
             xattr = checkpoints.encode() if checkpoints is not None and self._xattrs else None
             items.append((directory, tmp, self._path(hash), data, CHECKPOINT_XATTR, xattr))
-        results = _native_write_group(self._root_fd, items)
+        # Every rename refuses to replace a block: block_create jobs need that, and for block_write ones (rare at
+        # these sizes: a copy that failed to touch, a pull) the few that find a copy are rewritten one by one below.
+        results = _native_write_group(self._root_fd, items, True)
         if any(not isinstance(r, OSError) for r in results):
             self.stats.op("syncfs")
             self.stats.op("syncfs")
-        out: list[KeepError | None] = []
-        for item, result in zip(items, results, strict=True):
+        out: list[KeepError | bool | None] = []
+        for job, item, result in zip(jobs, items, results, strict=True):
+            if_absent = job[3]
+            if result is None:
+                if if_absent:
+                    out.append(False)
+                    continue
+                try:
+                    self._write(job[0], job[1], job[2])
+                    out.append(None)
+                except KeepError as exc:
+                    out.append(exc)
+                continue
             if isinstance(result, OSError):
                 self.stats.op("create")
                 error = self._write_error(result, item[1])
@@ -458,7 +495,7 @@ class DirectoryVolume(Volume):
             if result in (errno.ENOTSUP, errno.EOPNOTSUPP):
                 self._xattrs = False  # this file system has no user xattrs (see _set_checkpoints)
             self.stats.write_done(("create", "utimes", "rename"), len(item[3]))
-            out.append(None)
+            out.append(True if if_absent else None)
         return out
 
     def _write_py(

@@ -1081,6 +1081,53 @@ def test_group_commit_writes_concurrent_blocks_and_leaves_no_temp_file(root: Pat
     assert len([p for p in listing(root) if "/" in p]) == len(blocks)
 
 
+def test_group_commit_creates_a_block_once_and_refuses_to_replace_it(root: Path) -> None:
+    """block_create under group commit: the rename itself is the existence check (RENAME_NOREPLACE), so of the
+    creates of one new block exactly one writes it; the others find it there, and leave no temp file behind."""
+    data = os.urandom(4000)
+    h = md5(data)
+
+    async def body(vol: DirectoryVolume) -> None:
+        results = await asyncio.gather(*(vol.block_create(h, memoryview(data)) for _ in range(6)))
+        assert sorted(results) == [False] * 5 + [True]
+        first = await vol.mtime(h)
+        assert await vol.block_create(h, memoryview(os.urandom(4000))) is False
+        assert await read(vol, h) == data and await vol.mtime(h) == first
+        # block_write in the same kind of group still replaces the copy (rewritten one by one: a new mtime).
+        await asyncio.sleep(0.002)
+        await vol.block_write(h, memoryview(data))
+        assert await vol.mtime(h) > first
+
+    run(root, body, group_commit=True)
+    assert not [p for p in listing(root) if "tmp" in p]
+    assert [p for p in listing(root) if "/" in p] == [f"{h[:3]}/{h}"]
+
+
+@pytest.mark.parametrize("size", [4000, 1 << 20], ids=["group-commit", "file-by-file"])
+def test_create_looks_for_the_block_off_the_event_loop(root: Path, monkeypatch: pytest.MonkeyPatch, size: int) -> None:
+    """For a new block the lookup of its name searches the directory, from disk if its blocks are not cached: that
+    must not stall the event loop (a stat there did, for every PUT)."""
+    loop_thread = threading.get_ident()
+    on_loop: list[str] = []
+    real_stat = os.stat
+
+    def watched_stat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        if threading.get_ident() == loop_thread and str(path).startswith(str(root)):
+            on_loop.append(str(path))
+        return real_stat(path, *args, **kwargs)
+
+    data = os.urandom(size)
+
+    async def body(vol: DirectoryVolume) -> None:
+        monkeypatch.setattr(os, "stat", watched_stat)
+        assert await vol.block_create(md5(data), memoryview(data)) is True
+        assert await vol.block_create(md5(data), memoryview(data)) is False
+        monkeypatch.undo()
+
+    run(root, body, group_commit=True)
+    assert on_loop == []
+
+
 def test_group_commit_failure_lands_on_its_own_block_only(root: Path) -> None:
     # RLIMIT_FSIZE makes write(2) of a file past the limit fail (EFBIG) inside the native call: the large block
     # fails, the small ones written with it in the same group commit do not.

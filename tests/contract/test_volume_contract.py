@@ -254,6 +254,47 @@ def test_put_again_updates_mtime(volume_factory: VolumeFactory) -> None:
     volume_factory.run(body)
 
 
+@pytest.mark.parametrize("size", [5000, 1 << 20], ids=["small", "1MiB"])
+def test_create_writes_an_absent_block_and_leaves_a_present_one(volume_factory: VolumeFactory, size: int) -> None:
+    async def body(vol: Volume) -> None:
+        data = payload(size, 3)
+        h = md5(data)
+        assert await vol.block_create(h, memoryview(data)) is True
+        assert await read(vol, h, 2 << 20) == data
+        first = await vol.mtime(h)
+        await volume_factory.mtime_tick()
+        # Other bytes under the same hash: not written, not touched (the caller compares, and may touch).
+        assert await vol.block_create(h, memoryview(payload(size, 4))) is False
+        assert await read(vol, h, 2 << 20) == data
+        assert await vol.mtime(h) == first
+        assert list(await index(vol)) == [h]
+
+    volume_factory.run(body)
+
+
+def test_create_does_not_count_a_trashed_copy(volume_factory: VolumeFactory) -> None:
+    async def body(vol: Volume) -> None:
+        h = await put(vol, b"trashed, then stored again")
+        await vol.block_trash(h, 0, HOUR)
+        assert await vol.block_create(h, memoryview(b"trashed, then stored again")) is True
+        assert await read(vol, h) == b"trashed, then stored again"
+        assert list(await index(vol)) == [h]
+
+    volume_factory.run(body)
+
+
+def test_concurrent_creates_of_one_block_store_one_copy(volume_factory: VolumeFactory) -> None:
+    async def body(vol: Volume) -> None:
+        data = payload(3000, 5)
+        h = md5(data)
+        results = await asyncio.gather(*(vol.block_create(h, memoryview(data)) for _ in range(6)))
+        assert True in results  # some wrote it; others may have found it there
+        assert await read(vol, h) == data
+        assert list(await index(vol)) == [h]
+
+    volume_factory.run(body)
+
+
 def test_touch_updates_mtime(volume_factory: VolumeFactory) -> None:
     async def body(vol: Volume) -> None:
         h = await put(vol, b"touch me")

@@ -144,25 +144,49 @@ def test_put_expect_100_continue(server: KeepServer) -> None:  # item 10
     assert out.startswith(b"HTTP/1.1 200 OK")
 
 
-def test_put_twice_touches(server: KeepServer) -> None:  # item 11
-    assert server.put(b"foo").status == 200
+# One writable volume takes keepstore.store.Store._write_one (create unless present, then compare and touch); two
+# take the general path (compare every mount first). Small blocks go by group commit, 1 MiB ones file by file.
+VOLUME_COUNTS = pytest.mark.parametrize("volumes", [1, 2], ids=["one-volume", "two-volumes"])
+SIZES = pytest.mark.parametrize("size", [3, 1 << 20], ids=["small", "1MiB"])
+
+
+def _block(size: int, seed: bytes) -> bytes:
+    return (seed * (size // len(seed) + 1))[:size]
+
+
+@VOLUME_COUNTS
+@SIZES
+def test_put_twice_touches(server_factory: ServerFactory, volumes: int, size: int) -> None:  # item 11
+    server = server_factory(volumes=volumes)
+    data = _block(size, b"foo")
+    assert server.put(data).status == 200
     line1 = server.index().text.splitlines()[0]
     time.sleep(0.01)
-    assert server.put(b"foo").status == 200
+    r = server.put(data)
+    assert r.status == 200
+    assert r.header("X-Keep-Replicas-Stored") == "1"
     lines = [line for line in server.index().text.splitlines() if line]
     assert len(lines) == 1  # stored once
     assert int(lines[0].split()[1]) > int(line1.split()[1])
+    assert not [p for i in range(volumes) for p in server.volume_root(i).rglob("tmp*")]  # no temp file left
 
 
-def test_put_hash_collision(server: KeepServer) -> None:  # item 12
-    h = md5(b"foo")
-    assert server.put(b"foo").status == 200
-    path = next(p for i in range(2) for hh, p in stored_files(server.volume_root(i)).items() if hh == h)
-    path.write_bytes(b"bar")
-    r = server.put(b"foo")
+@VOLUME_COUNTS
+@SIZES
+def test_put_hash_collision(server_factory: ServerFactory, volumes: int, size: int) -> None:  # item 12
+    server = server_factory(volumes=volumes)
+    data = _block(size, b"foo")
+    h = md5(data)
+    assert server.put(data).status == 200
+    path = next(p for i in range(volumes) for hh, p in stored_files(server.volume_root(i)).items() if hh == h)
+    path.write_bytes(_block(size, b"bar"))
+    mtime = path.stat().st_mtime_ns
+    r = server.put(data)
     assert r.status == 500
     assert r.text == "hash collision\n"
-    assert path.read_bytes() == b"bar"  # nothing overwritten
+    assert path.read_bytes() == _block(size, b"bar")  # nothing overwritten
+    assert path.stat().st_mtime_ns == mtime  # nor touched
+    assert not [p for i in range(volumes) for p in server.volume_root(i).rglob("tmp*")]
 
 
 def test_put_double_slash_is_bad_request(server: KeepServer) -> None:  # item 20

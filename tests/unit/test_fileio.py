@@ -59,6 +59,17 @@ static int shim_fcntl(int fd, int cmd, va_list ap) {
 SHIM_FCNTL(fcntl)
 SHIM_FCNTL(fcntl64)
 
+/* renameat2-einval: a file system without RENAME_NOREPLACE (the caller falls back to link + unlink). */
+int renameat2(int olddirfd, const char *oldpath, int newdirfd, const char *newpath, unsigned int flags) {
+    static int (*real_renameat2)(int, const char *, int, const char *, unsigned int);
+    if (!real_renameat2) real_renameat2 = dlsym(RTLD_NEXT, "renameat2");
+    if (mode_is("renameat2-einval")) {
+        errno = EINVAL;
+        return -1;
+    }
+    return real_renameat2(olddirfd, oldpath, newdirfd, newpath, flags);
+}
+
 /* FILEIO_SYNCFS_LOG: append "<fd> <what it refers to>" for every syncfs call, then sync for real. */
 int syncfs(int fd) {
     static int (*real_syncfs)(int);
@@ -184,3 +195,40 @@ def test_each_group_syncs_through_a_descriptor_of_its_own(shim: Path, tmp_path: 
     assert len(calls) == 6  # two per group
     assert all(target == str(root) for _, target in calls)
     assert all(int(fd) != shared_fd for fd, _ in calls)
+
+
+CREATES = r"""
+import asyncio, hashlib, os, sys
+from keepstore.config import VolumeSpec
+from keepstore.volumes.directory import DirectoryParameters, DirectoryVolume
+root = sys.argv[1]
+spec = VolumeSpec(uuid="zzzzz-nyw5e-000000000000000", driver="Directory", parameters={"Root": root}, key_path="V")
+
+async def main():
+    vol = DirectoryVolume(spec, DirectoryParameters(root=root, group_commit=True))
+    assert vol.group_commit
+    data = os.urandom(4096)
+    h = hashlib.md5(data).hexdigest()
+    first = await vol.block_create(h, memoryview(data))
+    again = await vol.block_create(h, memoryview(os.urandom(4096)))
+    stored = open(os.path.join(root, h[:3], h), "rb").read() == data
+    leftovers = [n for _, _, names in os.walk(root) for n in names if n.startswith("tmp")]
+    print(first, again, stored, leftovers)
+    await vol.close()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("mode", ["none", "renameat2-einval"])
+def test_create_without_rename_noreplace_falls_back_to_link(shim: Path, tmp_path: Path, mode: str) -> None:
+    # Where the file system refuses RENAME_NOREPLACE, link(2) (which refuses an existing name too) and unlink do
+    # the same: the first create writes the block, the second finds it and writes nothing.
+    root = tmp_path / "vol"
+    root.mkdir()
+    env = {"LD_PRELOAD": str(shim), "FILEIO_SHIM": mode, "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(
+        [sys.executable, "-c", CREATES, str(root)], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True False True []"
