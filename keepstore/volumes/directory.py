@@ -459,7 +459,8 @@ class DirectoryVolume(Volume):
         written). Errors are returned, not raised: the pool raises each in the request it belongs to.
         """
         if self._is_full():
-            return [VolumeFull() for _ in jobs]
+            # A full volume still takes PUTs of blocks it holds (the caller touches them): creates find them here.
+            return [False if job[3] and os.path.isfile(self._path(job[0])) else VolumeFull() for job in jobs]
         assert _native_write_group is not None  # group commit is enabled only with the extension
         items = []
         for hash, data, checkpoints, _ in jobs:

@@ -552,6 +552,22 @@ def test_recent_full_symlink_refuses_writes(root: Path, group_commit: bool) -> N
     run(root, body, group_commit=group_commit)
 
 
+@pytest.mark.parametrize("group_commit", [False, True])
+def test_full_volume_still_finds_blocks_it_holds(root: Path, group_commit: bool) -> None:
+    """A PUT of a block the full volume already holds touches it (the caller does, on False): not 507."""
+
+    async def body(vol: DirectoryVolume) -> None:
+        h = await put(vol, b"stored before it filled up")
+        os.symlink(str(int(time.time())), root / "full")
+        assert await vol.block_create(h, memoryview(b"stored before it filled up")) is False
+        with pytest.raises(VolumeFull):
+            await vol.block_create(md5(b"new"), memoryview(b"new"))
+        await vol.block_touch(h)
+        assert await read(vol, h) == b"stored before it filled up"
+
+    run(root, body, group_commit=group_commit)
+
+
 def test_old_or_bogus_full_symlink_is_ignored(root: Path) -> None:
     os.symlink(str(int(time.time() - FULL_MARKER_TTL - 60)), root / "full")
 

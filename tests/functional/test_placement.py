@@ -7,6 +7,7 @@ import re
 import time
 from pathlib import Path
 
+import pytest
 from keeptest import (
     USER_TOKEN,
     KeepServer,
@@ -115,6 +116,21 @@ def test_full_symlink(server_factory: ServerFactory) -> None:  # item 18
         (srv.volume_root(n) / "full").unlink()
         os.symlink(str(int(time.time()) - 7200), srv.volume_root(n) / "full")
     assert srv.put(DATA).status == 200
+
+
+@pytest.mark.parametrize("volumes", [1, 2], ids=["one-volume", "two-volumes"])
+def test_full_volume_takes_a_put_of_a_block_it_holds(server_factory: ServerFactory, volumes: int) -> None:
+    srv = server_factory(volumes=volumes)
+    assert srv.put(DATA).status == 200
+    before = srv.index().text
+    time.sleep(0.01)
+    for n in range(volumes):
+        os.symlink(str(int(time.time())), srv.volume_root(n) / "full")
+    r = srv.put(DATA)
+    assert r.status == 200  # the copy there is touched: the PUT is satisfied without room for a new one
+    assert int(srv.index().text.split()[1]) > int(before.split()[1])
+    r = srv.put(DATA + b" and more")
+    assert (r.status, r.text) == (507, "insufficient storage\n")
 
 
 def test_one_full_volume_other_used(server_factory: ServerFactory) -> None:
