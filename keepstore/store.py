@@ -355,35 +355,41 @@ class Store:
         The same rules as with several mounts, in the order that suits a new block: write it unless a copy is there
         (one call, ``block_create``); only then compare that copy (different bytes: HashCollision) and touch it.
         """
-        all_full = True
         if not result.want(mnt):
-            return self._written(hash, data, result, all_full)
+            return self._written(hash, data, result, True)
         try:
-            if await mnt.volume.block_create(hash, data, checkpoints):
-                result.add(mnt)
-                return self._written(hash, data, result, all_full)
-            same: bool | None = None
-            try:
-                same = await mnt.volume.block_compare(hash, data)
-            except KeepError:
-                pass  # gone again, or unreadable: written below
-            if same is False:
-                raise HashCollision()
-            if same:
-                try:
-                    await mnt.volume.block_touch(hash)
-                    result.add(mnt)
-                except KeepError:
-                    pass  # rewritten below
-            if result.want(mnt):
-                await mnt.volume.block_write(hash, data, checkpoints)
-                result.add(mnt)
-        except HashCollision:
-            raise
+            created = await mnt.volume.block_create(hash, data, checkpoints)
         except Exception as exc:
-            all_full = isinstance(exc, VolumeFull)
-            log.warning("write failed", extra={"fields": {"hash": hash, "mount": mnt.uuid, "error": str(exc)}})
-        return self._written(hash, data, result, all_full)
+            return self._write_failed(hash, data, mnt, result, exc)
+        if created:
+            result.add(mnt)
+            return self._written(hash, data, result, True)
+        same: bool | None = None
+        try:
+            same = await mnt.volume.block_compare(hash, data)
+        except KeepError:
+            pass  # gone again, or unreadable: written below
+        if same is False:
+            raise HashCollision()
+        if same:
+            try:
+                await mnt.volume.block_touch(hash)
+                result.add(mnt)
+                return self._written(hash, data, result, True)
+            except KeepError:
+                pass  # rewritten below
+        try:
+            await mnt.volume.block_write(hash, data, checkpoints)
+        except Exception as exc:
+            return self._write_failed(hash, data, mnt, result, exc)
+        result.add(mnt)
+        return self._written(hash, data, result, True)
+
+    def _write_failed(
+        self, hash: str, data: memoryview, mnt: Mount, result: PutProgress, exc: Exception
+    ) -> WriteResult:
+        log.warning("write failed", extra={"fields": {"hash": hash, "mount": mnt.uuid, "error": str(exc)}})
+        return self._written(hash, data, result, isinstance(exc, VolumeFull))
 
     @staticmethod
     def _written(hash: str, data: memoryview, result: PutProgress, all_full: bool) -> WriteResult:

@@ -189,8 +189,8 @@ class Volume(ABC):
         not count); return whether it was written. False leaves the existing copy as it is: the caller compares
         and touches it. Errors as ``block_write``.
 
-        A driver that can let the write itself find the existing copy (an atomic create-if-absent) overrides this
-        check-then-write; either way a PUT of a new block costs the caller no separate round trip.
+        This default looks first, then writes. A driver that can let the write itself find the existing copy (an
+        atomic create-if-absent, like the directory driver's rename that refuses to replace) overrides it.
         """
         try:
             await self.mtime(hash)
