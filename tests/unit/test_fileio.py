@@ -159,7 +159,8 @@ def test_other_errors_of_a_direct_write_are_raised(shim: Path, tmp_path: Path) -
     assert write_through(shim, "write-eio", tmp_path / "block", 1 << 20) == "append 5"  # EIO, not swallowed
 
 
-GROUPS = r"""
+# The start of a child that runs a group-commit directory volume on the root given as its argument.
+GROUP_VOLUME = r"""
 import asyncio, hashlib, os, sys
 from keepstore.config import VolumeSpec
 from keepstore.volumes.directory import DirectoryParameters, DirectoryVolume
@@ -169,7 +170,9 @@ spec = VolumeSpec(uuid="zzzzz-nyw5e-000000000000000", driver="Directory", parame
 async def main():
     vol = DirectoryVolume(spec, DirectoryParameters(root=root, group_commit=True))
     assert vol.group_commit
-    for _ in range(3):  # one after the other: three groups
+"""
+
+GROUPS = GROUP_VOLUME + r"""    for _ in range(3):  # one after the other: three groups
         data = os.urandom(4096)
         await vol.block_write(hashlib.md5(data).hexdigest(), memoryview(data))
     print(vol._root_fd)
@@ -197,17 +200,7 @@ def test_each_group_syncs_through_a_descriptor_of_its_own(shim: Path, tmp_path: 
     assert all(int(fd) != shared_fd for fd, _ in calls)
 
 
-CREATES = r"""
-import asyncio, hashlib, os, sys
-from keepstore.config import VolumeSpec
-from keepstore.volumes.directory import DirectoryParameters, DirectoryVolume
-root = sys.argv[1]
-spec = VolumeSpec(uuid="zzzzz-nyw5e-000000000000000", driver="Directory", parameters={"Root": root}, key_path="V")
-
-async def main():
-    vol = DirectoryVolume(spec, DirectoryParameters(root=root, group_commit=True))
-    assert vol.group_commit
-    data = os.urandom(4096)
+CREATES = GROUP_VOLUME + r"""    data = os.urandom(4096)
     h = hashlib.md5(data).hexdigest()
     first = await vol.block_create(h, memoryview(data))
     again = await vol.block_create(h, memoryview(os.urandom(4096)))
