@@ -172,7 +172,9 @@ async def main():
     assert vol.group_commit
 """
 
-GROUPS = GROUP_VOLUME + r"""    for _ in range(3):  # one after the other: three groups
+GROUPS = (
+    GROUP_VOLUME
+    + r"""    for _ in range(3):  # one after the other: three groups
         data = os.urandom(4096)
         await vol.block_write(hashlib.md5(data).hexdigest(), memoryview(data))
     print(vol._root_fd)
@@ -180,6 +182,7 @@ GROUPS = GROUP_VOLUME + r"""    for _ in range(3):  # one after the other: three
 
 asyncio.run(main())
 """
+)
 
 
 def test_each_group_syncs_through_a_descriptor_of_its_own(shim: Path, tmp_path: Path) -> None:
@@ -200,7 +203,9 @@ def test_each_group_syncs_through_a_descriptor_of_its_own(shim: Path, tmp_path: 
     assert all(int(fd) != shared_fd for fd, _ in calls)
 
 
-CREATES = GROUP_VOLUME + r"""    data = os.urandom(4096)
+CREATES = (
+    GROUP_VOLUME
+    + r"""    data = os.urandom(4096)
     h = hashlib.md5(data).hexdigest()
     first = await vol.block_create(h, memoryview(data))
     again = await vol.block_create(h, memoryview(os.urandom(4096)))
@@ -211,6 +216,7 @@ CREATES = GROUP_VOLUME + r"""    data = os.urandom(4096)
 
 asyncio.run(main())
 """
+)
 
 
 @pytest.mark.parametrize("mode", ["none", "renameat2-einval"])
