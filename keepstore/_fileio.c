@@ -43,11 +43,12 @@
  *
  *   write_group(root_fd, items, True)
  *
- * (``if_absent``) renames no temp file over an existing block (renameat2 RENAME_NOREPLACE, or link + unlink where the file system
- * lacks it): where the block is already there, its temp file is removed and its entry is None. The caller then
- * compares the stored copy and touches it. This is the existence check of a PUT, done here by the rename that has
- * to look the name up anyway, instead of a stat on the caller's event loop (for a new block that lookup searches
- * the directory, from disk if its blocks are not cached).
+ * (``if_absent``) writes nothing for a block that is already there, and renames no temp file over one that appears
+ * meanwhile (renameat2 RENAME_NOREPLACE, or link + unlink where the file system lacks it; the temp file is then
+ * removed): either way the block's entry is None, and the caller compares the stored copy and touches it. A group
+ * of stored blocks only does no syncfs at all. This is the existence check of a PUT, done here, where the write
+ * happens, instead of a stat on the caller's event loop (for a new block the lookup searches the directory, from
+ * disk if its blocks are not cached).
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -396,8 +397,13 @@ static void commit_group(int root_fd, group_item *items, Py_ssize_t n, int if_ab
      * it. (Errors of other writers reported here too only cost the per-file fallback below.) */
     int sfd = openat(root_fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     Py_ssize_t staged = 0;
-    for (Py_ssize_t i = 0; i < n; i++)
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (if_absent && access(PyBytes_AS_STRING(items[i].final_b), F_OK) == 0) {
+            items[i].existed = 1; /* a stored block: nothing to write (the rename below catches one that appears) */
+            continue;
+        }
         if (stage(&items[i]) == 0) staged++;
+    }
     if (!staged) {
         if (sfd >= 0) close(sfd);
         return;

@@ -1109,6 +1109,10 @@ def test_group_commit_creates_a_block_once_and_refuses_to_replace_it(root: Path)
         first = await vol.mtime(h)
         assert await vol.block_create(h, memoryview(os.urandom(4000))) is False
         assert await read(vol, h) == data and await vol.mtime(h) == first
+        # A group of blocks that are all there writes nothing and syncs nothing.
+        syncs = vol.stats.ops.get("syncfs", 0)
+        assert await asyncio.gather(*(vol.block_create(h, memoryview(data)) for _ in range(3))) == [False] * 3
+        assert vol.stats.ops.get("syncfs", 0) == syncs
         # block_write in the same kind of group still replaces the copy (rewritten one by one: a new mtime).
         await asyncio.sleep(0.002)
         await vol.block_write(h, memoryview(data))
@@ -1117,6 +1121,22 @@ def test_group_commit_creates_a_block_once_and_refuses_to_replace_it(root: Path)
     run(root, body, group_commit=True)
     assert not [p for p in listing(root) if "tmp" in p]
     assert [p for p in listing(root) if "/" in p] == [f"{h[:3]}/{h}"]
+
+
+def test_creates_of_one_new_block_in_one_group_write_it_once(root: Path) -> None:
+    """Blocks absent when the group starts are staged; a second copy of one is refused at the rename
+    (RENAME_NOREPLACE) and its temp file removed. The group function is called directly: which submissions share a
+    group is up to timing."""
+    data = os.urandom(4000)
+    h = md5(data)
+
+    async def body(vol: DirectoryVolume) -> None:
+        job = (h, memoryview(data), None, True)
+        assert await asyncio.to_thread(vol._write_group, [job, job, job]) == [True, False, False]
+        assert await read(vol, h) == data
+
+    run(root, body, group_commit=True)
+    assert not [p for p in listing(root) if "tmp" in p]
 
 
 @pytest.mark.parametrize("size", [4000, 1 << 20], ids=["group-commit", "file-by-file"])

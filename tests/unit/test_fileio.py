@@ -210,8 +210,11 @@ CREATES = (
     first = await vol.block_create(h, memoryview(data))
     again = await vol.block_create(h, memoryview(os.urandom(4096)))
     stored = open(os.path.join(root, h[:3], h), "rb").read() == data
+    other = os.urandom(4096)  # three copies of one new block in one group: the rename refuses the second and third
+    job = (hashlib.md5(other).hexdigest(), memoryview(other), None, True)
+    group = vol._write_group([job, job, job])
     leftovers = [n for _, _, names in os.walk(root) for n in names if n.startswith("tmp")]
-    print(first, again, stored, leftovers)
+    print(first, again, stored, group, leftovers)
     await vol.close()
 
 asyncio.run(main())
@@ -230,4 +233,4 @@ def test_create_without_rename_noreplace_falls_back_to_link(shim: Path, tmp_path
         [sys.executable, "-c", CREATES, str(root)], env=env, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "True False True []"
+    assert done.stdout.strip() == "True False True [True, False, False] []"
