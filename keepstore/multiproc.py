@@ -12,7 +12,8 @@ socket and forks that many workers, which all accept on it. What must stay corre
   validates the list and forwards it to the primary.
 * **Metrics and status** are totals: the worker answering ``/metrics`` or ``/status.json`` merges every worker's
   state snapshot (``keepstore.state``), fetched over the workers' internal Unix sockets.
-* **Connections** are spread by the kernel: each worker accepts on its own SO_REUSEPORT socket.
+* **Connections** go to the worker with the fewest open: all accept on one socket, each only while it is the
+  least loaded (keepstore.accept; the kernel's SO_REUSEPORT hashing left a few keep-alive clients badly spread).
 * **Life and death**: workers die with the supervisor (``PR_SET_PDEATHSIG``), so a crash of the whole service is
   a crash of every process; the supervisor restarts a worker that dies on its own; SIGTERM is forwarded and each
   worker drains; the supervisor exits 0 once all are done.
@@ -40,6 +41,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from .accept import Loads
 from .config import Config, ConfigError
 from .errors import ServiceUnavailable
 from .state import State
@@ -57,6 +59,7 @@ class WorkerInfo:
     index: int
     count: int
     sockets: tuple[str, ...]  # internal socket of every worker, by index
+    loads: Loads | None = None  # open connections of every worker (keepstore.accept), shared with the supervisor
 
     @property
     def primary(self) -> bool:
@@ -105,10 +108,10 @@ def supervise(config: Config, count: int) -> int:
     """Bind, fork ``count`` workers, keep them running until SIGTERM/SIGINT, then drain them. Returns the exit code."""
     from .server import bind_socket
 
-    # One SO_REUSEPORT socket per worker, all bound here: the kernel spreads incoming connections over them (one
-    # shared socket would let whichever worker wakes first accept a whole burst), and as the supervisor keeps them
-    # open, connections that arrive while a worker restarts wait in its socket's queue for the new one.
-    socks = [bind_socket(config, reuse_port=True) for _ in range(count)]
+    # One listening socket for all workers, bound here and kept open here: connections that arrive while workers
+    # (re)start wait in its queue. Who accepts each one is decided by the workers' loads (keepstore.accept).
+    sock = bind_socket(config)
+    loads = Loads(count)
     rundir = tempfile.mkdtemp(prefix="keepstore-", dir=os.environ.get("RUNTIME_DIRECTORY") or None)
     sockets = tuple(f"{rundir}/worker-{i}.sock" for i in range(count))
     ready_r, ready_w = os.pipe()
@@ -122,16 +125,14 @@ def supervise(config: Config, count: int) -> int:
         from . import logs
 
         logs.flush()  # else the child would write the parent's pending lines again
+        loads.mark_down(index)  # until the new worker accepts: nobody waits for it
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
                 os.close(ready_r)
                 _child_setup(supervisor)
-                for i, other in enumerate(socks):
-                    if i != index:
-                        other.close()
-                code = _run_worker(config, WorkerInfo(index, count, sockets), socks[index], ready_w)
+                code = _run_worker(config, WorkerInfo(index, count, sockets, loads), sock, ready_w)
             except ConfigError as exc:
                 print(f"config error: {exc}", file=sys.stderr, flush=True)
                 code = EXIT_CONFIG
@@ -163,10 +164,9 @@ def supervise(config: Config, count: int) -> int:
             if info is not None:
                 if info.si_signo in (signal.SIGTERM, signal.SIGINT) and not stopping:
                     stopping = True
-                    # Stop accepting now: the kernel would otherwise keep queueing connections on our copies of
-                    # the listening sockets, to be reset once the workers have drained.
-                    for s in socks:
-                        s.close()
+                    # Stop accepting now: the kernel would otherwise keep queueing connections on our copy of the
+                    # listening socket, to be reset once the workers have drained.
+                    sock.close()
                     deadline = time.monotonic() + config.drain_timeout + 10
                     log.info("stopping workers", extra={"fields": {"signal": signal.Signals(info.si_signo).name}})
                     _signal_all(children, signal.SIGTERM)
@@ -176,6 +176,7 @@ def supervise(config: Config, count: int) -> int:
                 index = children.pop(pid, None)
                 if index is None:
                     continue
+                loads.mark_down(index)  # a dead worker's figure must not keep connections waiting for it
                 code = os.waitstatus_to_exitcode(status)
                 if stopping:
                     continue
@@ -208,8 +209,7 @@ def supervise(config: Config, count: int) -> int:
     finally:
         os.close(ready_r)
         os.close(ready_w)
-        for s in socks:
-            s.close()
+        sock.close()
         shutil.rmtree(rundir, ignore_errors=True)
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from . import hashing, logs
+from .accept import BalancedSite
 from .config import Config
 from .http.app import KeepHTTP
 from .http.protocol import KeepServer
@@ -22,13 +23,13 @@ from .state import snapshot
 log = logging.getLogger("keepstore")
 
 
-def bind_socket(config: Config, reuse_port: bool = False) -> socket.socket:
-    """A listening socket for the configured address (with SO_REUSEPORT: one of a group, one per worker)."""
+def bind_socket(config: Config) -> socket.socket:
+    """A listening socket for the configured address."""
     try:
         infos = socket.getaddrinfo(config.listen_host, config.listen_port, type=socket.SOCK_STREAM)
         family = infos[0][0]
         address = (infos[0][4][0], config.listen_port)
-        return socket.create_server(address, family=family, backlog=1024, reuse_port=reuse_port)
+        return socket.create_server(address, family=family, backlog=1024)
     except OSError as exc:
         raise SystemExit(f"cannot listen on {config.listen_host}:{config.listen_port}: {exc.strerror or exc}") from None
 
@@ -89,7 +90,12 @@ async def _serve(
         internal = web.AppRunner(internal_app(lambda: snapshot(service), service.accept_list))
         await internal.setup()
         await web.UnixSite(internal, worker.own_socket).start()
-    await web.SockSite(runner, sock).start()
+    site: web.BaseSite
+    if worker is not None and worker.loads is not None:
+        site = BalancedSite(runner, sock, worker.loads, worker.index)  # one socket shared by all workers
+    else:
+        site = web.SockSite(runner, sock)
+    await site.start()
     log.info(
         "listening",
         extra={

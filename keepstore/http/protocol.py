@@ -296,9 +296,30 @@ class KeepServer(web.Server):
         kwargs.setdefault("read_bufsize", WAITING_BODY_HIGH_WATER // 2)
         super().__init__(handler, **kwargs)
         self.fast = fast
+        # Called with the handler after each connection_made and connection_lost (keepstore.accept counts them).
+        self.connections_changed: Callable[[RequestHandler], None] | None = None
+        self._open: set[RequestHandler] = set()
 
     def __call__(self) -> RequestHandler:
         return KeepRequestHandler(self, loop=self._loop, **self._kwargs)
+
+    @property
+    def open_connections(self) -> int:
+        """Connections made and not yet lost (aiohttp's own list keeps a closed one until its handler task ends)."""
+        return len(self._open)
+
+    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        self._open.add(handler)
+        if self.connections_changed is not None:
+            self.connections_changed(handler)
+
+    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
+        super().connection_lost(handler, exc)
+        if handler in self._open:
+            self._open.discard(handler)
+            if self.connections_changed is not None:
+                self.connections_changed(handler)
 
 
 _usable: bool | None = None

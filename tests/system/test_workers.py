@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import http.client
 import json
 import os
 import re
 import signal
 import socket
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 from keeptest import (
     ROOT_TOKEN,
+    USER_TOKEN,
     KeepServer,
     ServerFactory,
     md5,
@@ -24,6 +30,67 @@ def workers_of(srv: KeepServer) -> list[int]:
     return process_tree(srv.pid)[1:]
 
 
+class Held:
+    """A keep-alive connection kept open, and the PID of the worker that serves it."""
+
+    def __init__(self, srv: KeepServer, name: str) -> None:
+        self.conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=60)
+        data = f"held {name}".encode()
+        rid = f"req-held{name}"
+        assert self.send("PUT", f"/{md5(data)}", data, USER_TOKEN, rid)[0] == 200
+
+        def served_by() -> int | None:
+            return next((ln["PID"] for ln in srv.log_lines() if ln.get("RequestID") == rid), None)
+
+        self.pid: int = wait_for(served_by, what=f"log line of {rid}")
+
+    def send(
+        self, method: str, path: str, body: bytes | None, token: str, request_id: str | None = None
+    ) -> tuple[int, str]:
+        headers = {"Authorization": f"Bearer {token}"}
+        if request_id is not None:
+            headers["X-Request-Id"] = request_id
+        self.conn.request(method, path, body=body, headers=headers)
+        resp = self.conn.getresponse()
+        return resp.status, resp.read().decode(errors="replace")
+
+
+def established(pid: int, port: int) -> int:
+    """How many established TCP connections on ``port`` process ``pid`` holds (from /proc)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if f[3] == "01" and int(f[1].rpartition(":")[2], 16) == port and f[9] in inodes:  # 01: ESTABLISHED
+                count += 1
+    return count
+
+
+@contextlib.contextmanager
+def held_connections(srv: KeepServer, n: int, tag: str = "") -> Iterator[list[Held]]:
+    """``n`` connections, opened one after another while the earlier ones stay open; closed at the end."""
+    held: list[Held] = []
+    try:
+        for i in range(n):
+            held.append(Held(srv, f"{tag}{i}"))
+        yield held
+    finally:
+        for h in held:
+            h.conn.close()
+
+
 def three_workers(server_factory: ServerFactory, **kw: object) -> KeepServer:
     srv = server_factory(extra={"KeepstorePy": {"Workers": 3}}, **kw)
     wait_for(lambda: len(workers_of(srv)) == 3, what="3 workers")
@@ -34,18 +101,34 @@ def three_workers(server_factory: ServerFactory, **kw: object) -> KeepServer:
 def test_workers_share_the_port_and_report_totals(server_factory: ServerFactory) -> None:
     srv = three_workers(server_factory, api={"MaxKeepBlobBuffers": 10, "MaxConcurrentRequests": 30})
     blocks = [f"multi {i}".encode() for i in range(30)]
-    for b in blocks:  # a new connection each time: the kernel spreads them over the workers
-        assert srv.put(b).status == 200
+    with held_connections(srv, 3) as conns:  # one per worker (see the next test)
+        assert len({c.pid for c in conns}) == 3
+        for i, b in enumerate(blocks):
+            assert conns[i % 3].send("PUT", f"/{md5(b)}", b, USER_TOKEN)[0] == 200
     for b in blocks:
         assert srv.get(sign(f"{md5(b)}+{len(b)}")).body == b
-    served_by = {line["PID"] for line in srv.log_lines() if line.get("msg") == "response"}
-    assert len(served_by) >= 2, "connections were not spread over the workers"
     metrics = srv.metrics()
-    assert re.search(r'^request_duration_seconds_count\{code="200",method="put"\} 30$', metrics, re.M)
+    assert re.search(r'^request_duration_seconds_count\{code="200",method="put"\} 33$', metrics, re.M)
     st = srv.status_json()
     assert st["BufferPool"]["BuffersMax"] == 10  # 4 + 3 + 3
     assert st["RequestsMax"] == 30
-    assert sorted(srv.index_hashes()) == sorted(md5(b) for b in blocks)
+    held = [md5(f"held {i}".encode()) for i in range(3)]
+    assert sorted(srv.index_hashes()) == sorted([md5(b) for b in blocks] + held)
+
+
+def test_connections_are_spread_evenly_over_the_workers(server_factory: ServerFactory) -> None:
+    # A few long-lived clients (a data manager, SDK connection pools) must not end up on one worker: the kernel's
+    # SO_REUSEPORT hashing put 7 of 8 connections on one of two workers in one try of eight.
+    srv = three_workers(server_factory)
+    with held_connections(srv, 9, "a") as first:
+        assert sorted(collections.Counter(c.pid for c in first).values()) == [3, 3, 3]
+        # Connections that close make room: new ones go where there are fewest.
+        pids = sorted({c.pid for c in first})
+        for c in [c for c in first if c.pid == pids[0]][:2]:
+            c.conn.close()
+        wait_for(lambda: established(pids[0], srv.port) == 1, what="the worker to see the hang-ups")
+        with held_connections(srv, 2, "b") as second:
+            assert [c.pid for c in second] == [pids[0], pids[0]]
 
 
 def test_lists_reach_the_primary_from_any_worker(server_factory: ServerFactory) -> None:
@@ -53,26 +136,26 @@ def test_lists_reach_the_primary_from_any_worker(server_factory: ServerFactory) 
     # A peer that accepts connections and never answers: each of the primary's 4 pull workers holds its first item
     # for the read timeout (60 s), so the queue's figures below do not depend on how fast failures come back (with
     # a peer that refuses connections, dozens of items could fail between a PUT and the status request).
-    with socket.socket() as silent:
+    with socket.socket() as silent, held_connections(srv, 3) as conns:  # one connection per worker
         silent.bind(("127.0.0.1", 0))
         silent.listen(64)
         peer = f"http://127.0.0.1:{silent.getsockname()[1]}"
         for n in range(1, 13):
             items = [{"locator": f"{md5(str(i).encode())}+1", "servers": [peer]} for i in range(n * 100)]
-            r = srv.req("PUT", "/trash", body=json.dumps([]).encode(), token=ROOT_TOKEN)
-            assert r.status == 200
-            r = srv.req("PUT", "/pull", body=json.dumps(items).encode(), token=ROOT_TOKEN)
-            assert r.status == 200, r.text
+            via = conns[n % 3]
+            assert via.send("PUT", "/trash", json.dumps([]).encode(), ROOT_TOKEN)[0] == 200
+            status, text = via.send("PUT", "/pull", json.dumps(items).encode(), ROOT_TOKEN)
+            assert status == 200, text
             st = srv.status_json()["PullQueue"]
             # Each list replaced the one before (nothing appended, nothing lost): it is all queued, less what the
             # workers took of the first one.
             assert n * 100 - 4 <= st["Queued"] <= n * 100
             assert st["InProgress"] <= 4
-    r = srv.req("PUT", "/pull", body=b"[1]", token=ROOT_TOKEN)
-    assert r.status == 400 and "item 0" in r.text  # validated by whichever worker got it
-    # Every worker got some of those requests, and every list landed in the one queue.
-    received = [line for line in srv.log_lines() if line.get("msg") == "pull list received"]
-    assert len({line["PID"] for line in received}) >= 2
+        r = srv.req("PUT", "/pull", body=b"[1]", token=ROOT_TOKEN)
+        assert r.status == 400 and "item 0" in r.text  # validated by whichever worker got it
+        # Every worker got some of those requests, and every list landed in the one queue.
+        received = [line for line in srv.log_lines() if line.get("msg") == "pull list received"]
+        assert {line["PID"] for line in received} == {c.pid for c in conns}
 
 
 def test_dead_worker_is_replaced(server_factory: ServerFactory) -> None:
