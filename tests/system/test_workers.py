@@ -162,7 +162,11 @@ def test_dead_worker_is_replaced(server_factory: ServerFactory) -> None:
     srv = three_workers(server_factory)
     victim = workers_of(srv)[1]
     os.kill(victim, signal.SIGKILL)
-    wait_for(lambda: len(workers_of(srv)) == 3 and victim not in workers_of(srv), what="replacement worker")
+    def replaced() -> bool:
+        now = workers_of(srv)  # one look: two could see the victim before it is reaped and then a gap
+        return len(now) == 3 and victim not in now
+
+    wait_for(replaced, what="replacement worker")
     assert "worker exited unexpectedly; restarting" in srv.log_text()
     for i in range(20):
         assert srv.put(f"after restart {i}".encode()).status == 200
