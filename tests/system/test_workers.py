@@ -162,6 +162,7 @@ def test_dead_worker_is_replaced(server_factory: ServerFactory) -> None:
     srv = three_workers(server_factory)
     victim = workers_of(srv)[1]
     os.kill(victim, signal.SIGKILL)
+
     def replaced() -> bool:
         now = workers_of(srv)  # one look: two could see the victim before it is reaped and then a gap
         return len(now) == 3 and victim not in now
