@@ -289,14 +289,9 @@ class DirectoryVolume(Volume):
         return _StreamingWrite(self, hash, tmp, fd)
 
     async def block_compare(self, hash: str, data: memoryview) -> bool:
-        # Most PUTs are of new blocks: answer "absent" from a stat on the event loop (a metadata lookup, see
-        # block_read) instead of a thread round trip; only an existing copy is read and compared in a thread.
-        try:
-            os.stat(self._path(hash))
-        except (FileNotFoundError, NotADirectoryError):
-            raise BlockNotFound() from None
-        except OSError:
-            pass  # let the thread report it properly
+        # Even "absent" is found in a thread: for a new block (most PUTs) the lookup searches the directory, from
+        # disk if its blocks are not cached, which must not stall the event loop. (A PUT to one writable volume
+        # does not come here at all: block_create looks where it writes.)
         return await self._run(self._compare, hash, data)
 
     async def block_touch(self, hash: str) -> None:

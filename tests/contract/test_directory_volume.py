@@ -1164,6 +1164,39 @@ def test_create_looks_for_the_block_off_the_event_loop(root: Path, monkeypatch: 
     assert on_loop == []
 
 
+def test_compare_looks_for_the_block_off_the_event_loop(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The multi-volume PUT path compares on every volume first: "absent" too must come from a thread."""
+    loop_thread = threading.get_ident()
+    on_loop: list[str] = []
+    real_stat, real_open = os.stat, os.open
+
+    def watched(real: Any) -> Any:
+        def call(path: Any, *args: Any, **kwargs: Any) -> Any:
+            if threading.get_ident() == loop_thread and str(path).startswith(str(root)):
+                on_loop.append(str(path))
+            return real(path, *args, **kwargs)
+
+        return call
+
+    data = os.urandom(4000)
+
+    async def body(vol: DirectoryVolume) -> None:
+        monkeypatch.setattr(os, "stat", watched(real_stat))
+        monkeypatch.setattr(os, "open", watched(real_open))
+        with pytest.raises(BlockNotFound):
+            await vol.block_compare(md5(data), memoryview(data))
+        monkeypatch.undo()
+        await vol.block_write(md5(data), memoryview(data))
+        monkeypatch.setattr(os, "stat", watched(real_stat))
+        monkeypatch.setattr(os, "open", watched(real_open))
+        assert await vol.block_compare(md5(data), memoryview(data)) is True
+        assert await vol.block_compare(md5(data), memoryview(bytes(4000))) is False
+        monkeypatch.undo()
+
+    run(root, body, group_commit=True)
+    assert on_loop == []
+
+
 def test_group_commit_failure_lands_on_its_own_block_only(root: Path) -> None:
     # RLIMIT_FSIZE makes write(2) of a file past the limit fail (EFBIG) inside the native call: the large block
     # fails, the small ones written with it in the same group commit do not.
