@@ -10,8 +10,10 @@ So the supervisor binds one socket that every worker inherits, and each worker r
 memory shared by all of them (:class:`Loads`). Every worker's event loop watches the socket, but a worker accepts
 only while it has no more connections than any other worker that is up; the others look again a millisecond later.
 If the least-loaded worker does not take a waiting connection within ``PATIENCE`` (its event loop is stuck, or it
-died and the supervisor has not noticed yet), whoever looks next takes it: a connection is never left waiting for
-one particular process. A worker that is starting, draining or dead counts as down and is not waited for.
+died and the supervisor has not noticed yet), whoever looks next takes it, and for the next ``IMPATIENCE`` takes
+whatever arrives at once: a connection is never left waiting for one particular process, and a stuck worker
+costs one wait, not one per connection. A worker that is starting, draining, dead or out of file descriptors counts
+as down and is not waited for.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from .http.protocol import KeepServer
 log = logging.getLogger("keepstore.workers")
 
 POLL = 0.001  # seconds between looks at the socket while another worker should take what waits there
-PATIENCE = 0.02  # seconds a waiting connection is left to the least-loaded worker before another takes it
+PATIENCE = 0.05  # seconds a waiting connection is left to the least-loaded worker before another takes it
+IMPATIENCE = 1.0  # seconds after taking a connection another worker left waiting, during which none is left waiting
 BURST = 64  # connections accepted per wake-up at most (as asyncio's own accept loop bounds it by the backlog)
 _RETRY_AFTER = 1.0  # seconds before accepting again after running out of file descriptors or memory (as asyncio)
 
@@ -94,6 +97,8 @@ class BalancedAcceptor:
         self._timer: asyncio.TimerHandle | None = None
         self._waiting_since: float | None = None  # when this worker first left a waiting connection to another
         self._closed = False
+        self._backing_off = False  # out of descriptors: down for _RETRY_AFTER
+        self._impatient_until = 0.0  # loop time until which this worker does not wait for a less-loaded one
         self._tasks: set[asyncio.Task[None]] = set()
         self._poll = select.poll()
         self._poll.register(sock.fileno(), select.POLLIN)
@@ -108,8 +113,13 @@ class BalancedAcceptor:
         whenever one is made or lost (``KeepServer.connections_changed``)."""
         if handler is not None:
             self._starting.discard(handler)  # made (now in open_connections), or lost
-        if not self._closed:
+        if not self._closed and not self._backing_off:
             self._loads.set(self._index, self._server.open_connections + len(self._starting))
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        """As an asyncio server's (aiohttp's ``runner.addresses`` reads it)."""
+        return [] if self._closed else [self._sock]
 
     def close(self) -> None:
         if self._closed:
@@ -140,29 +150,43 @@ class BalancedAcceptor:
         if self._timer is None and not self._closed:
             self._timer = self._loop.call_later(delay, self._look_again)
 
+    def _waiting(self) -> bool:
+        return bool(self._poll.poll(0))
+
     def _look_again(self) -> None:
         self._timer = None
         if self._closed:
             return
-        if not self._poll.poll(0):
-            self._waiting_since = None  # another worker took it
-            self._resume()
-            return
-        self._ready()
+        if self._backing_off:
+            self._backing_off = False
+            self.publish()
+        try:
+            self._ready()
+        finally:
+            if self._timer is None:  # whatever happened, keep watching the socket
+                self._resume()
 
     def _ready(self) -> None:
         for _ in range(BURST):
+            if not self._waiting():
+                # Nothing (left) to take: watch the socket again; the next connection starts a new wait.
+                self._waiting_since = None
+                self._resume()
+                return
             if not self._loads.least_loaded(self._index):
                 now = self._loop.time()
-                if self._waiting_since is None:
-                    self._waiting_since = now
-                if now - self._waiting_since < PATIENCE:
-                    self._pause(POLL)
-                    return
-                # The least-loaded worker has left it waiting too long: take it.
+                if now >= self._impatient_until:
+                    if self._waiting_since is None:
+                        self._waiting_since = now
+                    if now - self._waiting_since < PATIENCE:
+                        self._pause(POLL)
+                        return
+                    # The least-loaded worker has left a connection waiting too long: take it, and for the next
+                    # second take whatever waits at once (a stuck worker costs one wait, not one per connection).
+                    self._impatient_until = now + IMPATIENCE
+            self._waiting_since = None
             if not self._accept_one():
                 return
-            self._waiting_since = None
         self._resume()
 
     def _accept_one(self) -> bool:
@@ -170,19 +194,29 @@ class BalancedAcceptor:
         try:
             conn, _ = self._sock.accept()
         except (BlockingIOError, InterruptedError):
-            self._waiting_since = None
-            self._resume()
-            return False
-        except ConnectionAbortedError:
-            return True  # the client gave up while queued: look for the next
+            return True  # another worker took it: _ready looks again
         except OSError as exc:
-            if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                raise
-            log.error("cannot accept connections", extra={"fields": {"error": str(exc), "retry_seconds": _RETRY_AFTER}})
-            self._pause(_RETRY_AFTER)
-            return False
-        conn.setblocking(False)
-        handler = self._server()  # made now, so that it counts from now on
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                # Out of descriptors or memory: step aside (down, so that the others take the connections) and
+                # try again later, as asyncio's own accept loop does.
+                log.error(
+                    "cannot accept connections", extra={"fields": {"error": str(exc), "retry_seconds": _RETRY_AFTER}}
+                )
+                self._backing_off = True
+                self._loads.mark_down(self._index)
+                self._pause(_RETRY_AFTER)
+                return False
+            # ECONNABORTED, and the network errors Linux accept() passes on (EPROTO, ENETUNREACH, EPERM...): that
+            # connection is gone, the next may be fine.
+            log.warning("accept failed", extra={"fields": {"error": str(exc)}})
+            return True
+        try:
+            conn.setblocking(False)
+            handler = self._server()  # made now, so that it counts from now on
+        except Exception as exc:
+            conn.close()
+            log.warning("accepted connection could not be set up", extra={"fields": {"error": str(exc)}})
+            return True
         self._starting.add(handler)
         self.publish()
         task = self._loop.create_task(self._connect(conn, handler))

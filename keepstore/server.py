@@ -113,6 +113,9 @@ async def _serve(
         await stop.wait()
         log.info("shutting down: draining requests", extra={"fields": {"timeout": config.drain_timeout}})
     finally:
+        # Stop accepting first: the pull and trash workers may take a moment to stop, and a draining server takes
+        # no new connections meanwhile (with several workers, this one counts as down from now on).
+        await site.stop()
         await service.stop_workers()
         await runner.cleanup()
         await http.close()

@@ -7,13 +7,15 @@ connections) and one shared Loads, on one real listening socket; clients are rea
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from keepstore.accept import PATIENCE, BalancedAcceptor, Loads
+from keepstore.accept import PATIENCE, POLL, BalancedAcceptor, Loads
 from keepstore.http.protocol import KeepServer
 
 
@@ -119,11 +121,18 @@ def test_a_worker_that_does_not_accept_delays_connections_but_never_strands_them
             await w.connect()
             await w.connect()
             assert w.counts() == [1, 1]  # while worker 2 was still down
+            await asyncio.sleep(10 * POLL)  # the worker that left the last one to the other has seen it taken
             w.loads.set(2, 0)
             started = time.monotonic()
             await w.connect()
             assert time.monotonic() - started >= PATIENCE  # it was left to worker 2 first
             assert sorted(w.counts()) == [1, 2]
+            # While worker 2 stays stuck, the next ones are taken at once: the wait is paid once, not per connection.
+            started = time.monotonic()
+            for _ in range(4):
+                await w.connect()
+            assert sum(w.counts()) == 7
+            assert time.monotonic() - started < 4 * PATIENCE
         finally:
             await w.close()
 
@@ -143,5 +152,45 @@ def test_a_closed_acceptor_is_down_and_leaves_the_socket_to_the_others() -> None
             assert w.counts() == [1, 4]  # the closed one kept its connection and took no new one
         finally:
             await w.close()
+
+    _run(main)
+
+
+class _FailingOnce(socket.socket):
+    """A listening socket whose first accept fails as Linux passes on a network error (EPROTO)."""
+
+    failed = False
+
+    def accept(self) -> tuple[socket.socket, object]:
+        if not _FailingOnce.failed:
+            _FailingOnce.failed = True
+            super().accept()[0].close()  # that connection is lost, as it would be
+            raise OSError(errno.EPROTO, "Protocol error")
+        return super().accept()
+
+
+def test_an_accept_error_loses_that_connection_only() -> None:
+    async def main() -> None:
+        listener = socket.create_server(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+        server = KeepServer(_handler)
+        acceptor = BalancedAcceptor(_FailingOnce(fileno=os.dup(listener.fileno())), Loads(1), 0, server)
+        server.connections_changed = acceptor.publish
+        acceptor.start()
+        writers = []
+        try:
+            for _ in range(2):
+                writers.append((await asyncio.open_connection("127.0.0.1", port))[1])
+            await _until(lambda: server.open_connections == 1)
+            assert _FailingOnce.failed
+            writers.append((await asyncio.open_connection("127.0.0.1", port))[1])
+            await _until(lambda: server.open_connections == 2)  # it went on accepting
+        finally:
+            for w in writers:
+                w.close()
+            acceptor.close()
+            await acceptor.wait_closed()
+            await server.shutdown(1.0)
+            listener.close()
 
     _run(main)
