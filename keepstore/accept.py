@@ -59,9 +59,6 @@ class Loads:
         for i in range(count):
             self._slots[i] = self.DOWN
 
-    def __len__(self) -> int:
-        return len(self._slots)
-
     def set(self, index: int, connections: int) -> None:
         self._slots[index] = connections
 
@@ -238,7 +235,7 @@ class BalancedAcceptor:
 class BalancedSite(BaseSite):
     """An aiohttp site that accepts with a :class:`BalancedAcceptor` (instead of ``loop.create_server``)."""
 
-    __slots__ = ("_acceptor", "_index", "_loads", "_name", "_sock")
+    __slots__ = ("_index", "_loads", "_name", "_sock")
 
     def __init__(self, runner: web.BaseRunner, sock: socket.socket, loads: Loads, index: int) -> None:
         super().__init__(runner)
@@ -247,7 +244,6 @@ class BalancedSite(BaseSite):
         self._index = index
         host, port = sock.getsockname()[:2]
         self._name = f"http://{host}:{port}"
-        self._acceptor: BalancedAcceptor | None = None
 
     @property
     def name(self) -> str:
@@ -260,5 +256,4 @@ class BalancedSite(BaseSite):
         acceptor = BalancedAcceptor(self._sock, self._loads, self._index, server)
         server.connections_changed = acceptor.publish
         acceptor.start()
-        self._acceptor = acceptor
         self._server: Any = acceptor  # what BaseSite.stop closes

@@ -73,6 +73,12 @@ class Workers:
                 n -= 1
         await _until(lambda: self.counts()[worker] == target)
 
+    async def __aenter__(self) -> Workers:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
     async def close(self) -> None:
         for writer in self.clients:
             writer.close()
@@ -97,8 +103,7 @@ def _run(test: Callable[[], Awaitable[None]]) -> None:
 
 def test_connections_go_to_the_worker_with_fewest() -> None:
     async def main() -> None:
-        w = Workers(2)
-        try:
+        async with Workers(2) as w:
             for _ in range(8):
                 await w.connect()
             assert w.counts() == [4, 4]
@@ -108,16 +113,14 @@ def test_connections_go_to_the_worker_with_fewest() -> None:
             for _ in range(3):
                 await w.connect()
             assert w.counts() == [4, 4]  # the new ones all went to the worker that had fewest
-        finally:
-            await w.close()
 
     _run(main)
 
 
 def test_a_worker_that_does_not_accept_delays_connections_but_never_strands_them() -> None:
     async def main() -> None:
-        w = Workers(2, slots=3)  # worker 2 says it is up with no connections, and never accepts (its loop is stuck)
-        try:
+        # Worker 2 says it is up with no connections, and never accepts (its event loop is stuck).
+        async with Workers(2, slots=3) as w:
             await w.connect()
             await w.connect()
             assert w.counts() == [1, 1]  # while worker 2 was still down
@@ -133,16 +136,13 @@ def test_a_worker_that_does_not_accept_delays_connections_but_never_strands_them
                 await w.connect()
             assert sum(w.counts()) == 7
             assert time.monotonic() - started < 4 * PATIENCE
-        finally:
-            await w.close()
 
     _run(main)
 
 
 def test_a_closed_acceptor_is_down_and_leaves_the_socket_to_the_others() -> None:
     async def main() -> None:
-        w = Workers(2)
-        try:
+        async with Workers(2) as w:
             await w.connect()
             await w.connect()
             w.acceptors[0].close()
@@ -150,8 +150,6 @@ def test_a_closed_acceptor_is_down_and_leaves_the_socket_to_the_others() -> None
             for _ in range(3):
                 await w.connect()
             assert w.counts() == [1, 4]  # the closed one kept its connection and took no new one
-        finally:
-            await w.close()
 
     _run(main)
 
