@@ -83,6 +83,11 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per cell")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workers", type=int, default=0, help="keepstore worker processes (0: its default)")
+    ap.add_argument(
+        "--keep-files",
+        action="store_true",
+        help=f"leave the run's files in {WORK} (deleting them slows file creation for minutes; delete them later)",
+    )
     args = ap.parse_args()
     if args.rounds < 1 or args.duration <= 0 or args.conc < 1:
         ap.error("--rounds, --duration and --conc must be positive")
@@ -94,8 +99,9 @@ def main() -> None:
                 line = one_cell(tree, args.work, args.size, args.conc, args.duration, args.workers)
                 print(f"round {rnd + 1}  {tree:<30} {line}", flush=True)
     finally:
-        print(f"removing {WORK} ...", flush=True)
-        shutil.rmtree(WORK, ignore_errors=True)
+        if not args.keep_files:
+            print(f"removing {WORK} ...", flush=True)
+            shutil.rmtree(WORK, ignore_errors=True)
 
 
 if __name__ == "__main__":
