@@ -289,6 +289,14 @@ class Blocks:
         return self.prefix + b"%016x" % i
 
 
+def room_for(work: Path, size: int) -> int:
+    """How many blocks of ``size`` a PUT run may write: 80 % of the free space (at least one). A cell must never
+    fill the disk: a volume that runs out of space marks itself full and refuses writes (507) for an hour, as
+    Arvados' does. Past this many a run PUTs names again ("reused names" in its row)."""
+    st = os.statvfs(work)
+    return max(1, int(0.8 * st.f_bavail * st.f_frsize / size))
+
+
 def seed(url: str, blocks: Blocks, first: int, names: list[str], token: str | None) -> None:
     def put(i: int) -> None:
         req = urllib.request.Request(f"{url}/{names[i]}", data=blocks.body(first + i), method="PUT")
@@ -459,7 +467,7 @@ def durable_write_ceiling(
     Files are spread over 256 subdirectories, as a directory volume spreads blocks over <hash[0:3]>/ ones (all
     writers fsyncing one directory would measure that directory's lock, not the disk).
     """
-    # left in place (see main: no deletions)
+    # left in place unless large (see main: no mass deletions)
     d = work / f"ceiling-{size}{f'-group{group}' if group else ''}{'-direct' if direct else ''}{tag}"
     d.mkdir()
     for sub in range(256):
@@ -524,6 +532,8 @@ def durable_write_ceiling(
     elapsed = time.monotonic() - t0
     files = sum(counts) / elapsed
     cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+    if size >= LARGE:
+        shutil.rmtree(d)  # a few files, but gigabytes: the PUT cells need the room
     return files * size / 1e6, files, 1e6 * cpu / max(1, sum(counts))
 
 
@@ -622,11 +632,14 @@ def main() -> None:
                     signed.write_text("\n".join(locators) + "\n")
                     warm(nginx.url, names, None)
                     warm(ks.url, locators, USER_TOKEN)
+                slower: float | None = None  # requests/s of the slower server in this work's last cell
                 for conns in concs:
                     cell: dict[str, Result] = {}
                     # wrk counts only requests that complete inside the run: give slow cells (32 x 64 MiB) time to
-                    # complete a few rounds, or the figure says more about the window than about the server.
-                    duration = max(args.duration, 3 * conns * size / 200e6)
+                    # complete a few rounds, or the figure says more about the window than about the server. The
+                    # rate of the cell before tells how long that takes (at most a guess of 200 MB/s for the first).
+                    rate = slower if slower else 200e6 / size
+                    duration = max(args.duration, 3 * conns / rate)
                     # Unique names for one PUT run: more than either server can write in it, at any concurrency
                     # (nginx alone reached ~9k 4 KiB and ~300 1 MiB PUTs/s on one connection here).
                     budget = int(duration * PUT_RATE_CAP[size]) + 100
@@ -635,8 +648,11 @@ def main() -> None:
                         for _ in range(args.repeat):
                             if op == "PUT":
                                 if size >= LARGE:
-                                    srv.clear()  # repeats of a 64 MiB cell would fill the disk (a few files)
-                                first, names_path = blocks.names_file(budget)
+                                    # Repeats of a 64 MiB cell, and the other server's run of it, would fill the
+                                    # disk (a few files each).
+                                    nginx.clear()
+                                    ks.clear()
+                                first, names_path = blocks.names_file(min(budget, room_for(work, size)))
                                 os.sync()
                                 r = run_wrk(
                                     srv.url,
@@ -674,6 +690,7 @@ def main() -> None:
                         )
                         rows.append(row)
                         print(row, flush=True)
+                    slower = min(cell["keepstore"].rps, cell["nginx"].rps)
                     ratio = cell["keepstore"].rps / cell["nginx"].rps
                     ratios.append(f"| {op} {label} | {conns} | {ratio:.2f} |")
                     if op == "PUT" and size >= LARGE:
