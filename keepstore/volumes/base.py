@@ -8,7 +8,8 @@ Invariants every driver must keep (``tests/contract`` checks them against each d
 
 * **Atomic visibility.** ``block_write`` never leaves a partial block visible: after any failure, including a crash
   or kill at any instant, a read returns the previous complete copy or :class:`BlockNotFound`, never a mix or a
-  prefix. When ``block_write`` returns, the block is durable (fsynced or syncfs'd, or acknowledged by the object store).
+  prefix. When ``block_write`` returns, the block is durable (fsynced or syncfs'd, or acknowledged by the object store),
+  and so is a copy when ``block_touch`` returns (a PUT that finds a copy is acknowledged through it).
 * **Not found is an exception.** Reading, touching, asking the mtime of, or trashing an absent block raises
   :class:`BlockNotFound`; so does any of these on a *trashed* block. Trashed blocks are not listed by ``index``.
 * **Time is nanoseconds.** ``mtime`` and ``index`` give nanoseconds since the epoch, and the two agree exactly for
@@ -206,7 +207,11 @@ class Volume(ABC):
 
     @abstractmethod
     async def block_touch(self, hash: str) -> None:
-        """Set the block's mtime to now. BlockNotFound if absent or trashed."""
+        """Set the block's mtime to now. BlockNotFound if absent or trashed.
+
+        When it returns the block is durable, new mtime included, as after block_write: a PUT that finds a copy
+        is acknowledged on the strength of this call, and the copy may have been put there a moment ago by
+        another process that has not made it durable yet."""
 
     @abstractmethod
     async def mtime(self, hash: str) -> int:

@@ -632,12 +632,22 @@ class DirectoryVolume(Volume):
         path = self._path(hash)
 
         def touch() -> None:
-            now = time.time_ns()
-            self.stats.op("utimes")
-            os.utime(path, ns=(now, now))
+            # A PUT that finds a copy is answered on the strength of this touch, so the copy must be durable when
+            # it returns: another process (a second worker, a Go keepstore on the same directory) may have renamed
+            # it into place a moment ago, before its own fsyncs. The file's fsync makes its data and new mtime
+            # durable, the directory's (below) its name. For a copy already on disk both are a cache flush.
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                now = time.time_ns()
+                self.stats.op("utimes")
+                os.utime(fd, ns=(now, now))
+                self.stats.op("fsync")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
         try:
-            self._locked_in_dir(self._dir(hash), touch)
+            self._locked_in_dir(self._dir(hash), touch, fsync=True)
         except (FileNotFoundError, NotADirectoryError):
             raise BlockNotFound() from None
         except OSError as exc:

@@ -1386,3 +1386,48 @@ def test_streamed_pieces_that_went_through_the_page_cache_get_their_writeback_st
 
     run(root, body, direct_writes=True)
     assert hints == ([(0, first), (first, second)] if refused else [(first + second - 100, 100)])
+
+
+def test_touch_makes_the_copy_durable_file_and_directory(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PUT that finds a copy is acknowledged on the strength of block_touch, and the copy may have been renamed
+    into place a moment ago by another process that has not fsynced it yet: the touch fsyncs the file (data and
+    new mtime) and then its directory (the name)."""
+    synced: list[tuple[str, int]] = []
+    real_fsync = os.fsync
+
+    def logged_fsync(fd: int) -> None:
+        synced.append((os.readlink(f"/proc/self/fd/{fd}"), os.fstat(fd).st_mtime_ns))
+        real_fsync(fd)
+
+    data = b"a copy another writer left"
+    h = md5(data)
+    (root / h[:3]).mkdir()
+    (root / h[:3] / h).write_bytes(data)  # as a writer that renamed it and has not fsynced yet leaves it
+
+    async def body(vol: DirectoryVolume) -> None:
+        monkeypatch.setattr(os, "fsync", logged_fsync)
+        await vol.block_touch(h)
+        monkeypatch.undo()
+        mtime = await vol.mtime(h)
+        assert synced == [(str(root / h[:3] / h), mtime), (str(root / h[:3]), synced[1][1])]
+
+    run(root, body)
+
+
+def test_touch_that_cannot_make_the_copy_durable_fails(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_fsync = os.fsync
+
+    def failing_fsync(fd: int) -> None:
+        if not os.path.isdir(os.readlink(f"/proc/self/fd/{fd}")):
+            raise OSError(errno.EIO, "injected")
+        real_fsync(fd)
+
+    async def body(vol: DirectoryVolume) -> None:
+        h = await put(vol, b"stored")
+        monkeypatch.setattr(os, "fsync", failing_fsync)
+        with pytest.raises(VolumeError):
+            await vol.block_touch(h)
+        monkeypatch.undo()
+        assert await read(vol, h) == b"stored"
+
+    run(root, body)
