@@ -25,6 +25,10 @@
  * writes all of ``data`` at ``fd``'s offset (a block arriving in pieces), with O_DIRECT as above if ``direct``.
  * Returns how many of its bytes, at the end, went through the page cache (the caller may start their writeback).
  *
+ *   birth_ns(fd)
+ *
+ * is the file's creation time (statx(2) btime) in nanoseconds, or None where the file system does not record it.
+ *
  *   write_group(root_fd, items)
  *
  * is group commit: the durable write of several in-memory blocks at once, ``items`` being a list of
@@ -493,6 +497,22 @@ done:
     return result;
 }
 
+static PyObject *birth_ns(PyObject *module, PyObject *args) {
+    int fd;
+    if (!PyArg_ParseTuple(args, "i", &fd)) return NULL;
+    struct statx st;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = statx(fd, "", AT_EMPTY_PATH, STATX_BTIME, &st);
+    Py_END_ALLOW_THREADS
+    if (rc != 0) {
+        if (errno == ENOSYS || errno == EINVAL) Py_RETURN_NONE;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if (!(st.stx_mask & STATX_BTIME)) Py_RETURN_NONE;
+    return PyLong_FromLongLong((long long)st.stx_btime.tv_sec * 1000000000LL + st.stx_btime.tv_nsec);
+}
+
 static PyObject *append(PyObject *module, PyObject *args) {
     int fd, direct = 0;
     Py_buffer data;
@@ -520,6 +540,9 @@ static PyMethodDef methods[] = {
      "write_group(root_fd, items, if_absent=False): group commit of several in-memory blocks with two syncfs calls "
      "(see the module source). Returns, per item, what write_block would return or the OSError it would raise; "
      "with if_absent, None for a block that was already there (nothing written)."},
+    {"birth_ns", birth_ns, METH_VARARGS,
+     "birth_ns(fd): when the file was created (statx btime), in nanoseconds, or None where the file system does not "
+     "record it. Raises OSError."},
     {"write_block", write_block, METH_VARARGS,
      "write_block(dir_path, tmp_path, final_path, data, xattr_name, xattr_value, direct=False): the whole durable "
      "write of an in-memory block (see the module source). Returns 0 or the errno of a failed setxattr."},

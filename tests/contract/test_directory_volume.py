@@ -1389,9 +1389,9 @@ def test_streamed_pieces_that_went_through_the_page_cache_get_their_writeback_st
 
 
 def test_touch_makes_the_copy_durable_file_and_directory(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A PUT that finds a copy is acknowledged on the strength of block_touch, and the copy may have been renamed
-    into place a moment ago by another process that has not fsynced it yet: the touch fsyncs the file (data and
-    new mtime) and then its directory (the name)."""
+    """A PUT that finds a copy is acknowledged on the strength of block_touch, and a young copy may have been
+    renamed into place a moment ago by another process that has not fsynced it yet: the touch fsyncs the file (data
+    and new mtime) and then its directory (the name)."""
     synced: list[tuple[str, int]] = []
     real_fsync = os.fsync
 
@@ -1412,6 +1412,35 @@ def test_touch_makes_the_copy_durable_file_and_directory(root: Path, monkeypatch
         assert synced == [(str(root / h[:3] / h), mtime), (str(root / h[:3]), synced[1][1])]
 
     run(root, body)
+
+
+def test_touch_of_a_copy_born_long_ago_syncs_nothing(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A copy created more than a minute ago was synced by its writer or written back by the kernel since: re-PUTs
+    of stored data cost no flush, even of a block touched a moment ago (young by birth, not by mtime)."""
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def logged_fsync(fd: int) -> None:
+        synced.append(fd)
+        real_fsync(fd)
+
+    data = b"stored long ago"
+    h = md5(data)
+    (root / h[:3]).mkdir()
+    (root / h[:3] / h).write_bytes(data)  # its mtime is now, as after a touch
+    hour_ago = time.time_ns() - 3600 * 10**9
+    # The file system records when a file was created, and it cannot be set: this one was created just now.
+    monkeypatch.setattr(directory, "_birth_ns", lambda fd: hour_ago)
+
+    async def body(vol: DirectoryVolume) -> None:
+        before = await vol.mtime(h)
+        monkeypatch.setattr(os, "fsync", logged_fsync)
+        await vol.block_touch(h)
+        monkeypatch.setattr(os, "fsync", real_fsync)
+        assert await vol.mtime(h) >= before  # touched all the same
+
+    run(root, body)
+    assert synced == []
 
 
 def test_touch_that_cannot_make_the_copy_durable_fails(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,9 +9,11 @@ child process that writes through the extension and reports what the file holds.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -234,3 +236,23 @@ def test_create_without_rename_noreplace_falls_back_to_link(shim: Path, tmp_path
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "True False True [True, False, False] []"
+
+
+def test_birth_ns_is_the_creation_time_not_the_mtime(tmp_path: Path) -> None:
+    from keepstore._fileio import birth_ns
+
+    before = time.time_ns()
+    path = tmp_path / "f"
+    path.write_bytes(b"x")
+    after = time.time_ns()
+    os.utime(path, ns=(after + 10**12, after + 10**12))  # a touch: the mtime moves, the birth does not
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        born = birth_ns(fd)
+    finally:
+        os.close(fd)
+    if born is None:
+        pytest.skip("this file system does not record creation times (statx btime)")
+    assert before - 10**7 <= born <= after + 10**7  # (ext4 stamps from a coarse clock: allow 10 ms)
+    with pytest.raises(OSError):
+        birth_ns(10**6)  # not an open descriptor
