@@ -209,9 +209,9 @@ class Volume(ABC):
     async def block_touch(self, hash: str) -> None:
         """Set the block's mtime to now. BlockNotFound if absent or trashed.
 
-        When it returns the block is durable, new mtime included, as after block_write: a PUT that finds a copy
-        is acknowledged on the strength of this call, and the copy may have been put there a moment ago by
-        another process that has not made it durable yet."""
+        When it returns the block is durable, as after block_write: a PUT that finds a copy is acknowledged on the
+        strength of this call, and the copy may have been put there a moment ago by another process that has not
+        made it durable yet. (A driver may tell such a copy by its age: see the directory volume's ``_touch``.)"""
 
     @abstractmethod
     async def mtime(self, hash: str) -> int:

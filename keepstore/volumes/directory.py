@@ -620,8 +620,9 @@ class DirectoryVolume(Volume):
             return VolumeFull()
         return self._fail("write", path, exc)
 
-    def _locked_in_dir(self, directory: str, fn: Callable[[], T], fsync: bool = False) -> T:
-        """Run ``fn`` holding the flock of ``directory``; then fsync the directory if asked."""
+    def _locked_in_dir(self, directory: str, fn: Callable[[], T], fsync: bool | Callable[[T], bool] = False) -> T:
+        """Run ``fn`` holding the flock of ``directory``; then fsync the directory if asked (``fsync`` may also be
+        a test of ``fn``'s result)."""
         dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             self.stats.op("flock")
@@ -630,7 +631,8 @@ class DirectoryVolume(Volume):
                 result = fn()
             finally:
                 fcntl.flock(dfd, fcntl.LOCK_UN)
-            if fsync:
+            if fsync(result) if callable(fsync) else fsync:
+                self.stats.op("fsync")
                 os.fsync(dfd)
             return result
         finally:
@@ -643,10 +645,10 @@ class DirectoryVolume(Volume):
             # A PUT that finds a copy is answered on the strength of this touch, so the copy must be durable when
             # it returns: another process (a second worker, a Go keepstore on the same directory) may have renamed
             # it into place a moment ago, before its own fsyncs. For a young copy, the file's fsync makes its data
-            # and new mtime durable, the directory's (below) its name. An older one was synced by its writer or
-            # written back by the kernel since, and re-PUTs of stored data stay as cheap as they were (two fsyncs
-            # per PUT halved the rate of 4 KiB re-PUTs at c=8). Young by birth (statx), not by mtime: a touch makes
-            # the mtime new, and each re-PUT of a popular block would pay for the one before.
+            # and new mtime durable, the directory's (after the unlock) its name. An older one was synced by its
+            # writer or written back by the kernel since, and re-PUTs of stored data stay as cheap as they were
+            # (two fsyncs per PUT halved the rate of 4 KiB re-PUTs at c=8). Young by birth (statx), not by mtime:
+            # a touch makes the mtime new, and each re-PUT of a popular block would pay for the one before.
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 now = time.time_ns()
@@ -662,9 +664,7 @@ class DirectoryVolume(Volume):
                 os.close(fd)
 
         try:
-            if self._locked_in_dir(self._dir(hash), touch):
-                self.stats.op("fsync")
-                _fsync_dir(self._dir(hash))
+            self._locked_in_dir(self._dir(hash), touch, fsync=lambda young: young)
         except (FileNotFoundError, NotADirectoryError):
             raise BlockNotFound() from None
         except OSError as exc:
