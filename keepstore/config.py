@@ -76,7 +76,6 @@ class Config:
     internal_url: str
     listen_host: str
     listen_port: int
-    tls: bool
     volumes: tuple[VolumeSpec, ...]
     system_root_token: str = ""
     management_token: str = ""
@@ -94,8 +93,6 @@ class Config:
     blob_delete_concurrency: int = 4
     blob_replicate_concurrency: int = 4
     storage_classes: Mapping[str, StorageClass] = field(default_factory=dict)
-    tls_certificate: str = ""
-    tls_key: str = ""
     log_format: str = "json"
     log_level: str = "info"
     # keepstore-py only (Clusters.<id>.KeepstorePy)
@@ -278,8 +275,16 @@ def from_document(doc: Any, source: str, env: Mapping[str, str]) -> Config:
 
     internal_url, listen_url = _pick_internal_url(c, base, env)
     parsed = urlsplit(listen_url)
-    tls = parsed.scheme == "https"
-    port = parsed.port or (443 if tls else 80)
+    if parsed.scheme == "https":
+        # Not yet: until TLS is built in, listening on an https:// URL would serve plain HTTP there, and every
+        # client would fail with a TLS error that says nothing about the cause.
+        url_key = f"{base}.Services.Keepstore.InternalURLs.{internal_url}"
+        raise ConfigError(
+            url_key if listen_url == internal_url else f"{url_key}.ListenURL",
+            f"https is not supported yet ({listen_url}): listen on http:// and terminate TLS in front of keepstore "
+            "(nginx, haproxy)",
+        )
+    port = parsed.port or 80
 
     api = c.sub("API")
     coll = c.sub("Collections")
@@ -322,13 +327,11 @@ def from_document(doc: Any, source: str, env: Mapping[str, str]) -> Config:
             "will be rejected by a server that enforces permissions."
         )
 
-    tls_reader = c.sub("TLS")
     return Config(
         cluster_id=cluster_id,
         internal_url=internal_url,
         listen_host=parsed.hostname or "0.0.0.0",
         listen_port=port,
-        tls=tls,
         volumes=volumes,
         system_root_token=system_root_token,
         management_token=c.string("ManagementToken"),
@@ -346,8 +349,6 @@ def from_document(doc: Any, source: str, env: Mapping[str, str]) -> Config:
         blob_delete_concurrency=coll.integer("BlobDeleteConcurrency", 4, minimum=0),
         blob_replicate_concurrency=max(1, coll.integer("BlobReplicateConcurrency", 4, minimum=0)),
         storage_classes=storage_classes,
-        tls_certificate=tls_reader.string("Certificate"),
-        tls_key=tls_reader.string("Key"),
         log_format=log_format,
         log_level="warn" if log_level == "warning" else log_level,
         drain_timeout=own.duration("DrainTimeout", 30.0),

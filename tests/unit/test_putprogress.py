@@ -124,7 +124,6 @@ def config() -> Config:
         internal_url="http://127.0.0.1:25107",
         listen_host="127.0.0.1",
         listen_port=25107,
-        tls=False,
         volumes=(),
         blob_signing_key="k",
     )
