@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import __version__, logs
+from . import __version__, logs, sdnotify
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_file
 from .volumes import check_volume_specs
 
@@ -34,6 +34,9 @@ commands:
 
 exit status: 0 after a clean shutdown (SIGTERM drains in-flight requests first), 2 on a configuration error
 (the message names the key, e.g. "config error: Clusters.zzzzz.Volumes.<uuid>.DriverParameters.Root: required").
+
+under systemd (systemd/keepstore.service, Type=notify) keepstore sends READY=1 once every worker serves, and
+STOPPING=1 when a SIGTERM starts the drain.
 """
 
 
@@ -138,7 +141,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         workers = worker_count(config)
         if workers > 1:
             return supervise(config, workers)
-        asyncio.run(serve(config))
+        asyncio.run(
+            serve(
+                config,
+                on_ready=lambda: sdnotify.notify(READY=1, STATUS=f"serving {config.internal_url}"),
+                on_drain=lambda: sdnotify.notify(**sdnotify.stopping(config.drain_timeout)),
+            )
+        )
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -41,6 +41,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from . import sdnotify
 from .accept import Loads
 from .config import Config, ConfigError
 from .errors import ServiceUnavailable
@@ -49,6 +50,8 @@ from .state import State
 log = logging.getLogger("keepstore.workers")
 
 MAX_AUTO_WORKERS = 8
+# Seconds past DrainTimeout after which the supervisor SIGKILLs workers that have not stopped.
+KILL_AFTER_DRAIN = 10
 EXIT_CONFIG = 2
 _PR_SET_PDEATHSIG = 1
 _SUPERVISED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
@@ -160,6 +163,7 @@ def supervise(config: Config, count: int) -> int:
                 ready += _count_ready(ready_r)
                 if ready >= count:
                     log.info("all workers ready", extra={"fields": {"workers": count}})
+                    sdnotify.notify(READY=1, STATUS=f"serving {config.internal_url} with {count} worker processes")
             info = signal.sigtimedwait(_SUPERVISED, 0.2 if ready >= count else 0.01)
             if info is not None:
                 if info.si_signo in (signal.SIGTERM, signal.SIGINT) and not stopping:
@@ -167,8 +171,9 @@ def supervise(config: Config, count: int) -> int:
                     # Stop accepting now: the kernel would otherwise keep queueing connections on our copy of the
                     # listening socket, to be reset once the workers have drained.
                     sock.close()
-                    deadline = time.monotonic() + config.drain_timeout + 10
+                    deadline = time.monotonic() + config.drain_timeout + KILL_AFTER_DRAIN
                     log.info("stopping workers", extra={"fields": {"signal": signal.Signals(info.si_signo).name}})
+                    sdnotify.notify(**sdnotify.stopping(config.drain_timeout))
                     _signal_all(children, signal.SIGTERM)
                 elif info.si_signo == signal.SIGHUP:
                     _signal_all(children, signal.SIGHUP)
@@ -182,7 +187,7 @@ def supervise(config: Config, count: int) -> int:
                     continue
                 if code == EXIT_CONFIG:
                     stopping = True
-                    deadline = time.monotonic() + config.drain_timeout + 10
+                    deadline = time.monotonic() + config.drain_timeout + KILL_AFTER_DRAIN
                     _signal_all(children, signal.SIGTERM)
                     exit_code = EXIT_CONFIG
                     continue
@@ -196,7 +201,7 @@ def supervise(config: Config, count: int) -> int:
                     log.error("workers keep failing at start-up: giving up")
                     stopping = True
                     exit_code = 1
-                    deadline = time.monotonic() + config.drain_timeout + 10
+                    deadline = time.monotonic() + config.drain_timeout + KILL_AFTER_DRAIN
                     _signal_all(children, signal.SIGTERM)
                     continue
                 time.sleep(min(1.0, 0.1 * fast_failures))
@@ -250,6 +255,7 @@ def _child_setup(supervisor: int) -> None:
         pass
     if os.getppid() != supervisor:  # the supervisor died between fork and prctl (it may itself be PID 1)
         os._exit(1)
+    os.environ.pop("NOTIFY_SOCKET", None)  # the supervisor speaks for the service (keepstore.sdnotify)
     for sig in _SUPERVISED:
         # SIGHUP ignored until the worker's event loop takes it over (keepstore.server.serve): a reload forwarded
         # to a worker that is still starting must not kill it.

@@ -36,13 +36,15 @@ def bind_socket(config: Config) -> socket.socket:
 
 async def serve(
     config: Config,
-    on_ready: Callable[[], None] | None = None,
+    on_ready: Callable[[], object] | None = None,
     sock: socket.socket | None = None,
     worker: WorkerInfo | None = None,
+    on_drain: Callable[[], object] | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT, then drain: stop accepting, let requests finish (bounded), stop, return.
 
-    ``sock`` and ``worker`` are given when this process is one of several workers (keepstore.multiproc).
+    ``on_ready`` is called once connections are accepted, ``on_drain`` when the drain starts. ``sock`` and
+    ``worker`` are given when this process is one of several workers (keepstore.multiproc).
     """
     # Threads that finish a read, a hash or an fsync must win the GIL back from the event loop before their result
     # is seen; the default 5 ms switch interval makes them wait up to that long. 0.5 ms measured 5-25% faster on
@@ -58,7 +60,7 @@ async def serve(
     # SIGHUP (systemctl reload) must not kill the server; there is nothing to reload yet (logs go to stderr).
     loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP received: nothing to reload"))
     try:
-        await _serve(config, stop, on_ready, sock, worker)
+        await _serve(config, stop, on_ready, on_drain, sock, worker)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
@@ -67,7 +69,8 @@ async def serve(
 async def _serve(
     config: Config,
     stop: asyncio.Event,
-    on_ready: Callable[[], None] | None,
+    on_ready: Callable[[], object] | None,
+    on_drain: Callable[[], object] | None,
     sock: socket.socket | None,
     worker: WorkerInfo | None,
 ) -> None:
@@ -112,6 +115,8 @@ async def _serve(
     try:
         await stop.wait()
         log.info("shutting down: draining requests", extra={"fields": {"timeout": config.drain_timeout}})
+        if on_drain is not None:
+            on_drain()
     finally:
         # Stop accepting first: the pull and trash workers may take a moment to stop, and a draining server takes
         # no new connections meanwhile (with several workers, this one counts as down from now on).

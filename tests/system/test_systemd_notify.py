@@ -1,0 +1,101 @@
+"""keepstore under systemd's Type=notify (keepstore.sdnotify): READY=1 once it serves, STOPPING=1 when it drains.
+
+A real keepstore process is started with $NOTIFY_SOCKET pointing at a datagram socket this test reads, the way
+systemd starts it from systemd/keepstore.service.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from keeptest import USER_TOKEN, KeepServer, ServerFactory, md5, process_tree
+
+DRAIN = 7  # s: KeepstorePy.DrainTimeout in these tests
+SLACK = 15  # s: what keepstore.sdnotify.stopping adds to it
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[socket.socket]:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(str(tmp_path / "notify.sock"))
+    s.settimeout(30)
+    yield s
+    s.close()
+
+
+def fields(datagram: bytes) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in datagram.decode().splitlines())
+
+
+def start(server_factory: ServerFactory, sock: socket.socket, workers: int) -> KeepServer:
+    srv = server_factory(
+        volumes=1,
+        start=False,
+        env={"NOTIFY_SOCKET": sock.getsockname()},
+        extra={"KeepstorePy": {"Workers": workers, "DrainTimeout": f"{DRAIN}s"}},
+    )
+    srv.start(wait=False)
+    return srv
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ready_once_serving_and_stopping_at_drain(
+    server_factory: ServerFactory, notify_socket: socket.socket, workers: int
+) -> None:
+    srv = start(server_factory, notify_socket, workers)
+    ready = fields(notify_socket.recv(4096))
+    assert ready["READY"] == "1"
+    # Ready means serving, at once and by every worker: each of `workers` connections held open at the same time
+    # is spread over the workers (keepstore.accept), and each gets its PUT answered.
+    conns = [socket.create_connection(("127.0.0.1", srv.port), timeout=10) for _ in range(workers)]
+    for i, conn in enumerate(conns):
+        data = f"ready {i}".encode()
+        conn.sendall(
+            f"PUT /{md5(data)} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {USER_TOKEN}\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n".encode()
+            + data
+        )
+        assert conn.recv(65536).startswith(b"HTTP/1.1 200 ")
+    for conn in conns:
+        conn.close()
+    assert len(process_tree(srv.pid)) == (1 if workers == 1 else 1 + workers)
+    expected_status = f"serving {srv.url}" + (f" with {workers} worker processes" if workers > 1 else "")
+    assert ready["STATUS"] == expected_status
+
+    assert srv.proc is not None
+    srv.proc.send_signal(signal.SIGTERM)
+    stopping = fields(notify_socket.recv(4096))
+    assert stopping["STOPPING"] == "1"
+    assert stopping["EXTEND_TIMEOUT_USEC"] == str((DRAIN + SLACK) * 1_000_000)
+    assert stopping["STATUS"] == f"draining (at most {DRAIN} s)"
+    assert srv.stop() == 0
+    # Only the main process spoke (workers do not inherit $NOTIFY_SOCKET): nothing else arrived.
+    notify_socket.settimeout(0.2)
+    with pytest.raises(TimeoutError):
+        notify_socket.recv(4096)
+
+
+def test_no_ready_on_a_config_error(
+    server_factory: ServerFactory, notify_socket: socket.socket, tmp_path: Path
+) -> None:
+    srv = server_factory(volumes=1, start=False, env={"NOTIFY_SOCKET": notify_socket.getsockname()})
+    srv.config["Clusters"]["zzzzz"]["API"]["MaxKeepBlobBuffers"] = 0
+    srv.start(wait=False)
+    assert srv.proc is not None
+    assert srv.proc.wait(30) == 2
+    notify_socket.settimeout(0.2)
+    with pytest.raises(TimeoutError):
+        notify_socket.recv(4096)
+
+
+def test_a_notify_socket_that_is_gone_does_not_stop_the_server(server_factory: ServerFactory, tmp_path: Path) -> None:
+    srv = server_factory(volumes=1, start=False, env={"NOTIFY_SOCKET": str(tmp_path / "nobody-listens")})
+    srv.start()
+    data = b"served without systemd"
+    assert srv.put(data).status == 200
+    assert any("cannot notify systemd" in line.get("msg", "") for line in srv.log_lines()), srv.log_text()
+    assert srv.stop() == 0
