@@ -24,6 +24,7 @@ import logging
 import mmap
 import select
 import socket
+import ssl
 from typing import Any
 
 from aiohttp import web
@@ -83,11 +84,19 @@ class BalancedAcceptor:
     ``server`` (the aiohttp connection factory). Has the ``close`` of an asyncio server, which is all aiohttp's
     site needs; closing stops accepting, marks this worker down and closes this process's copy of the socket."""
 
-    def __init__(self, sock: socket.socket, loads: Loads, index: int, server: KeepServer) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        loads: Loads,
+        index: int,
+        server: KeepServer,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self._sock = sock
         self._loads = loads
         self._index = index
         self._server = server
+        self._ssl = ssl_context
         self._loop = asyncio.get_running_loop()
         self._starting: set[RequestHandler] = set()  # accepted, connection_made not called yet
         self._reading = False
@@ -223,7 +232,8 @@ class BalancedAcceptor:
 
     async def _connect(self, conn: socket.socket, handler: RequestHandler) -> None:
         try:
-            await self._loop.connect_accepted_socket(lambda: handler, conn)
+            # With TLS this returns after the handshake: until then the connection counts as starting.
+            await self._loop.connect_accepted_socket(lambda: handler, conn, ssl=self._ssl)
         except Exception as exc:
             conn.close()
             log.warning("accepted connection lost before it was set up", extra={"fields": {"error": str(exc)}})
@@ -235,15 +245,23 @@ class BalancedAcceptor:
 class BalancedSite(BaseSite):
     """An aiohttp site that accepts with a :class:`BalancedAcceptor` (instead of ``loop.create_server``)."""
 
-    __slots__ = ("_index", "_loads", "_name", "_sock")
+    __slots__ = ("_index", "_loads", "_name", "_sock", "_ssl")
 
-    def __init__(self, runner: web.BaseRunner, sock: socket.socket, loads: Loads, index: int) -> None:
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        sock: socket.socket,
+        loads: Loads,
+        index: int,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         super().__init__(runner)
         self._sock = sock
         self._loads = loads
         self._index = index
+        self._ssl = ssl_context
         host, port = sock.getsockname()[:2]
-        self._name = f"http://{host}:{port}"
+        self._name = f"{'https' if ssl_context is not None else 'http'}://{host}:{port}"
 
     @property
     def name(self) -> str:
@@ -253,7 +271,7 @@ class BalancedSite(BaseSite):
         await super().start()
         server = self._runner.server
         assert isinstance(server, KeepServer)
-        acceptor = BalancedAcceptor(self._sock, self._loads, self._index, server)
+        acceptor = BalancedAcceptor(self._sock, self._loads, self._index, server, self._ssl)
         server.connections_changed = acceptor.publish
         acceptor.start()
         self._server: Any = acceptor  # what BaseSite.stop closes

@@ -70,6 +70,10 @@ def load(path: str) -> Config:
     """Load and fully validate a config file (driver parameters included)."""
     config = load_file(path)
     check_volume_specs(config)
+    if config.tls:
+        from .tls import server_context
+
+        server_context(config)  # the key pair loads (else a ConfigError naming the key)
     return config
 
 

@@ -77,6 +77,10 @@ class Config:
     listen_host: str
     listen_port: int
     volumes: tuple[VolumeSpec, ...]
+    tls: bool = False  # serve https (keepstore.tls), with this key pair (paths)
+    tls_certificate: str = ""
+    tls_key: str = ""
+    tls_insecure: bool = False  # pull workers: accept any certificate from peers
     system_root_token: str = ""
     management_token: str = ""
     max_keep_blob_buffers: int = 128
@@ -275,16 +279,23 @@ def from_document(doc: Any, source: str, env: Mapping[str, str]) -> Config:
 
     internal_url, listen_url = _pick_internal_url(c, base, env)
     parsed = urlsplit(listen_url)
-    if parsed.scheme == "https":
-        # Not yet: until TLS is built in, listening on an https:// URL would serve plain HTTP there, and every
-        # client would fail with a TLS error that says nothing about the cause.
-        url_key = f"{base}.Services.Keepstore.InternalURLs.{internal_url}"
-        raise ConfigError(
-            url_key if listen_url == internal_url else f"{url_key}.ListenURL",
-            f"https is not supported yet ({listen_url}): listen on http:// and terminate TLS in front of keepstore "
-            "(nginx, haproxy)",
-        )
-    port = parsed.port or 80
+    tls = parsed.scheme == "https"
+    port = parsed.port or (443 if tls else 80)
+    tls_reader = c.sub("TLS")
+    tls_certificate, tls_key = "", ""
+    if tls:
+        # As Arvados requires: both as file:// URLs (keepstore.tls loads them, and again on SIGHUP).
+        for key in ("Certificate", "Key"):
+            value = tls_reader.string(key)
+            if not value.startswith("file://") or len(value) <= len("file://"):
+                raise ConfigError(
+                    f"{base}.TLS.{key}",
+                    f"required as a file:// URL (e.g. file:///etc/arvados/tls.{key.lower()}) to serve {listen_url}",
+                )
+            if key == "Certificate":
+                tls_certificate = value[len("file://") :]
+            else:
+                tls_key = value[len("file://") :]
 
     api = c.sub("API")
     coll = c.sub("Collections")
@@ -332,6 +343,10 @@ def from_document(doc: Any, source: str, env: Mapping[str, str]) -> Config:
         internal_url=internal_url,
         listen_host=parsed.hostname or "0.0.0.0",
         listen_port=port,
+        tls=tls,
+        tls_certificate=tls_certificate,
+        tls_key=tls_key,
+        tls_insecure=tls_reader.boolean("Insecure", False),
         volumes=volumes,
         system_root_token=system_root_token,
         management_token=c.string("ManagementToken"),

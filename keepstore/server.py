@@ -6,12 +6,13 @@ import asyncio
 import logging
 import signal
 import socket
+import ssl
 import sys
 from collections.abc import Callable
 
 from aiohttp import web
 
-from . import hashing, logs
+from . import hashing, logs, tls
 from .accept import BalancedSite
 from .config import Config
 from .http.app import KeepHTTP
@@ -57,10 +58,17 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    # SIGHUP (systemctl reload) must not kill the server; there is nothing to reload yet (logs go to stderr).
-    loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP received: nothing to reload"))
+    # Before anything listens: a key pair that does not load is a config error (exit 2), not a running server
+    # that fails every handshake.
+    ssl_context = tls.server_context(config) if config.tls else None
+    # SIGHUP (systemctl reload) must not kill the server. It reloads the TLS key pair (a renewed certificate);
+    # there is nothing else to reload (logs go to stderr).
+    if ssl_context is not None:
+        loop.add_signal_handler(signal.SIGHUP, tls.reload, ssl_context, config)
+    else:
+        loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP received: nothing to reload"))
     try:
-        await _serve(config, stop, on_ready, on_drain, sock, worker)
+        await _serve(config, stop, on_ready, on_drain, sock, worker, ssl_context)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
@@ -73,6 +81,7 @@ async def _serve(
     on_drain: Callable[[], object] | None,
     sock: socket.socket | None,
     worker: WorkerInfo | None,
+    ssl_context: ssl.SSLContext | None,
 ) -> None:
     if sock is None:
         sock = bind_socket(config)
@@ -95,9 +104,9 @@ async def _serve(
         await web.UnixSite(internal, worker.own_socket).start()
     site: web.BaseSite
     if worker is not None and worker.loads is not None:
-        site = BalancedSite(runner, sock, worker.loads, worker.index)  # one socket shared by all workers
+        site = BalancedSite(runner, sock, worker.loads, worker.index, ssl_context)  # one socket for all workers
     else:
-        site = web.SockSite(runner, sock)
+        site = web.SockSite(runner, sock, ssl_context=ssl_context)
     await site.start()
     log.info(
         "listening",

@@ -48,7 +48,10 @@ class Puller:
         self._session = aiohttp.ClientSession(
             timeout=timeout,
             auto_decompress=False,
-            connector=aiohttp.TCPConnector(limit_per_host=max(4, cfg.blob_replicate_concurrency)),
+            # TLS.Insecure: accept any certificate from the servers pulled from, as Arvados does with it.
+            connector=aiohttp.TCPConnector(
+                limit_per_host=max(4, cfg.blob_replicate_concurrency), ssl=False if cfg.tls_insecure else True
+            ),
         )
 
     async def close(self) -> None:

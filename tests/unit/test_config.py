@@ -421,12 +421,14 @@ def test_subprocess_root_does_not_exist(tmp_path: Path) -> None:
     assert_config_error(proc, f"Clusters.zzzzz.Volumes.{UUID0}.DriverParameters.Root: {tmp_path / 'missing'} is not")
 
 
-def test_subprocess_https_is_refused_before_listening(tmp_path: Path) -> None:
+def test_subprocess_tls_certificate_file_missing(tmp_path: Path) -> None:
     url = free_url().replace("http://", "https://")
     doc = with_key(make_doc(root=str(tmp_path)), "Services.Keepstore.InternalURLs", {url: {}})
+    doc["Clusters"]["zzzzz"]["TLS"] = {"Certificate": f"file://{tmp_path}/nope.crt", "Key": f"file://{tmp_path}/k"}
     path = write_config(tmp_path, doc)
-    proc = run_keepstore("--config", str(path), cwd=tmp_path)
-    assert_config_error(proc, f"Clusters.zzzzz.Services.Keepstore.InternalURLs.{url}: https is not supported yet")
+    for command in ("check-config", "serve"):
+        proc = run_keepstore(command, "--config", str(path), cwd=tmp_path)
+        assert_config_error(proc, f"Clusters.zzzzz.TLS.Certificate: cannot read {tmp_path}/nope.crt: No such file")
 
 
 def test_subprocess_missing_config_file(tmp_path: Path) -> None:
@@ -522,24 +524,41 @@ def test_http_without_a_port_means_port_80() -> None:
     assert load(doc).listen_port == 80
 
 
-def test_https_is_refused_naming_the_url_key() -> None:
-    # Until TLS is built in, an https URL would be served in plain HTTP: refused at start-up instead.
-    doc = with_key(make_doc(), "Services.Keepstore.InternalURLs", {"https://keep0.example": {}})
-    with pytest.raises(ConfigError) as err:
-        load(doc)
-    assert err.value.path == "Clusters.zzzzz.Services.Keepstore.InternalURLs.https://keep0.example"
-    assert "https is not supported yet" in str(err.value)
+def tls_doc(url: str = "https://keep0.example", **tls: Any) -> dict[str, Any]:
+    doc = with_key(make_doc(), "Services.Keepstore.InternalURLs", {url: {}})
+    if tls:
+        doc["Clusters"]["zzzzz"]["TLS"] = tls
+    return doc
 
 
-def test_https_listen_url_is_refused_naming_that_key() -> None:
-    doc = with_key(
-        make_doc(),
-        "Services.Keepstore.InternalURLs",
-        {"http://keep0.example:25107": {"ListenURL": "https://0.0.0.0:25107"}},
-    )
+def test_https_means_tls_on_port_443_with_the_key_pair_files() -> None:
+    c = load(tls_doc(Certificate="file:///etc/arvados/tls.crt", Key="file:///etc/arvados/tls.key"))
+    assert c.tls and c.listen_port == 443
+    assert (c.tls_certificate, c.tls_key, c.tls_insecure) == ("/etc/arvados/tls.crt", "/etc/arvados/tls.key", False)
+    c = load(tls_doc("https://keep0.example:25107", Certificate="file:///c", Key="file:///k", Insecure=True))
+    assert c.listen_port == 25107 and c.tls_insecure
+
+
+def test_http_ignores_the_tls_keys() -> None:
+    c = load(tls_doc("http://keep0.example:25107", Certificate="not even a url"))
+    assert not c.tls and c.tls_certificate == ""
+
+
+@pytest.mark.parametrize(
+    ("tls", "key"),
+    [
+        ({}, "Certificate"),
+        ({"Certificate": "file:///c"}, "Key"),
+        ({"Certificate": "-----BEGIN CERTIFICATE-----...", "Key": "file:///k"}, "Certificate"),
+        ({"Certificate": "file:///c", "Key": "/etc/arvados/tls.key"}, "Key"),
+        ({"Certificate": "file://", "Key": "file:///k"}, "Certificate"),
+    ],
+)
+def test_https_needs_both_files_as_file_urls(tls: dict[str, str], key: str) -> None:
     with pytest.raises(ConfigError) as err:
-        load(doc)
-    assert err.value.path == "Clusters.zzzzz.Services.Keepstore.InternalURLs.http://keep0.example:25107.ListenURL"
+        load(tls_doc(**tls))
+    assert err.value.path == f"Clusters.zzzzz.TLS.{key}"
+    assert "required as a file:// URL" in str(err.value)
 
 
 # --- volumes: AccessViaHosts, read-only, classes -----------------------------------------------------------------

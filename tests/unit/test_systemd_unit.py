@@ -65,3 +65,8 @@ def test_runtime_directory_for_the_internal_sockets() -> None:
     service = unit()["Service"]
     assert service["RuntimeDirectory"] == "keepstore"
     assert service["RuntimeDirectoryMode"] == "0700"
+
+
+def test_reload_is_sighup_to_the_supervisor() -> None:
+    # keepstore.server reloads the TLS key pair on SIGHUP; keepstore.multiproc forwards it to every worker.
+    assert shlex.split(unit()["Service"]["ExecReload"])[1:] == ["-HUP", "$MAINPID"]
