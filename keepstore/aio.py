@@ -11,6 +11,33 @@ from typing import Any, Generic, TypeVar
 T = TypeVar("T")
 
 
+def repeat(interval: float, fn: Callable[[], object]) -> Callable[[], None]:
+    """Call ``fn`` now and then every ``interval`` seconds from the running event loop; returns what stops it.
+
+    Each call is scheduled after the one before has run: a loop that stalls makes the calls stop, which is what
+    heartbeats and watchdog pings are for.
+    """
+    loop = asyncio.get_running_loop()
+    handle: asyncio.TimerHandle | None = None
+    stopped = False
+
+    def tick() -> None:
+        nonlocal handle
+        if stopped:
+            return
+        fn()
+        handle = loop.call_later(interval, tick)
+
+    def stop() -> None:
+        nonlocal stopped
+        stopped = True
+        if handle is not None:
+            handle.cancel()
+
+    tick()
+    return stop
+
+
 class ThreadPool:
     """Threads for a volume's blocking work, with the least machinery between them and the event loop.
 

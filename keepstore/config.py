@@ -106,6 +106,7 @@ class Config:
     workers: int = 0  # worker processes; 0 = one per CPU (see keepstore.multiproc)
     group_commit: bool = True  # small Directory-volume writes share syncfs calls (see keepstore.volumes.directory)
     direct_writes: bool = True  # Directory-volume block data written with O_DIRECT (see keepstore.volumes.directory)
+    worker_stall_timeout: float = 60.0  # a worker whose event loop stops this long is restarted; 0 = never
     source: str = ""
     warnings: tuple[str, ...] = ()
 
@@ -202,6 +203,8 @@ def _kind(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
+MIN_STALL_TIMEOUT = 2.0  # seconds: KeepstorePy.WorkerStallTimeout, when not 0
+
 # ---------------------------------------------------------------------------------------------------------------
 # Unknown-key detection
 
@@ -213,6 +216,7 @@ _OWN_KEYS: dict[str, Any] = {
         "Workers": None,
         "GroupCommit": None,
         "DirectWrites": None,
+        "WorkerStallTimeout": None,
     },
 }
 
@@ -302,6 +306,13 @@ def from_document(doc: Any, source: str, env: Mapping[str, str]) -> Config:
     logs = c.sub("SystemLogs")
     own = c.sub("KeepstorePy")
 
+    stall = own.duration("WorkerStallTimeout", 60.0)
+    if 0 < stall < MIN_STALL_TIMEOUT:
+        # Worker event loops record that they run once a second: a shorter timeout would kill healthy ones.
+        raise ConfigError(
+            f"{base}.KeepstorePy.WorkerStallTimeout",
+            f"must be 0 (off) or at least {MIN_STALL_TIMEOUT:g}s, not {stall:g}s",
+        )
     storage_classes = _storage_classes(c.sub("StorageClasses"))
     volumes = _volumes(c.sub("Volumes"), internal_url, storage_classes)
 
@@ -372,6 +383,7 @@ def from_document(doc: Any, source: str, env: Mapping[str, str]) -> Config:
         workers=own.integer("Workers", 0, minimum=0),
         group_commit=own.boolean("GroupCommit", True),
         direct_writes=own.boolean("DirectWrites", True),
+        worker_stall_timeout=stall,
         source=source,
         warnings=tuple(warnings),
     )

@@ -17,6 +17,11 @@ socket and forks that many workers, which all accept on it. What must stay corre
 * **Life and death**: workers die with the supervisor (``PR_SET_PDEATHSIG``), so a crash of the whole service is
   a crash of every process; the supervisor restarts a worker that dies on its own; SIGTERM is forwarded and each
   worker drains; the supervisor exits 0 once all are done.
+* **Stalls**: each worker's event loop records the time once a second in memory shared with the supervisor
+  (:class:`Heartbeats`). One that has not run for ``KeepstorePy.WorkerStallTimeout`` (a deadlock, a blocking call
+  that never returns) is asked for its threads' tracebacks (SIGUSR1, faulthandler, to the log) and killed, and a
+  new worker takes its place; the others go on serving meanwhile. Under systemd's watchdog the supervisor sends
+  WATCHDOG=1 (keepstore.sdnotify).
 
 The internal sockets live in a private directory (mode 0700) and accept only local connections from the same user.
 """
@@ -26,8 +31,10 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import dataclasses
+import faulthandler
 import json
 import logging
+import mmap
 import os
 import shutil
 import signal
@@ -57,12 +64,34 @@ _PR_SET_PDEATHSIG = 1
 _SUPERVISED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 
 
+class Heartbeats:
+    """When each worker's event loop last ran (CLOCK_MONOTONIC seconds, the same in every process), in an
+    anonymous shared mapping made before fork. 0: not serving yet, not judged. Each worker writes only its own
+    slot (aligned 8-byte stores: never torn); the supervisor clears a slot before it starts that worker."""
+
+    INTERVAL = 1.0  # seconds between beats
+
+    def __init__(self, count: int) -> None:
+        self._map = mmap.mmap(-1, 8 * count)  # MAP_SHARED | MAP_ANONYMOUS, zeroed
+        self._slots = memoryview(self._map).cast("d")
+
+    def beat(self, index: int) -> None:
+        self._slots[index] = time.monotonic()
+
+    def clear(self, index: int) -> None:
+        self._slots[index] = 0.0
+
+    def last(self, index: int) -> float:
+        return float(self._slots[index])
+
+
 @dataclass(frozen=True)
 class WorkerInfo:
     index: int
     count: int
     sockets: tuple[str, ...]  # internal socket of every worker, by index
     loads: Loads | None = None  # open connections of every worker (keepstore.accept), shared with the supervisor
+    beats: Heartbeats | None = None  # when each worker's event loop last ran, shared with the supervisor
 
     @property
     def primary(self) -> bool:
@@ -115,6 +144,10 @@ def supervise(config: Config, count: int) -> int:
     # (re)start wait in its queue. Who accepts each one is decided by the workers' loads (keepstore.accept).
     sock = bind_socket(config)
     loads = Loads(count)
+    beats = Heartbeats(count)
+    stalled: dict[int, float] = {}  # pid -> when it was found stalled (asked for tracebacks; killed next pass)
+    watchdog = sdnotify.watchdog_interval()
+    watchdog_due = 0.0
     rundir = tempfile.mkdtemp(prefix="keepstore-", dir=os.environ.get("RUNTIME_DIRECTORY") or None)
     sockets = tuple(f"{rundir}/worker-{i}.sock" for i in range(count))
     ready_r, ready_w = os.pipe()
@@ -129,13 +162,14 @@ def supervise(config: Config, count: int) -> int:
 
         logs.flush()  # else the child would write the parent's pending lines again
         loads.mark_down(index)  # until the new worker accepts: nobody waits for it
+        beats.clear(index)  # not judged until it serves
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
                 os.close(ready_r)
                 _child_setup(supervisor)
-                code = _run_worker(config, WorkerInfo(index, count, sockets, loads), sock, ready_w)
+                code = _run_worker(config, WorkerInfo(index, count, sockets, loads, beats), sock, ready_w)
             except ConfigError as exc:
                 print(f"config error: {exc}", file=sys.stderr, flush=True)
                 code = EXIT_CONFIG
@@ -178,6 +212,7 @@ def supervise(config: Config, count: int) -> int:
                 elif info.si_signo == signal.SIGHUP:
                     _signal_all(children, signal.SIGHUP)
             for pid, status in _reap():
+                stalled.pop(pid, None)
                 index = children.pop(pid, None)
                 if index is None:
                     continue
@@ -206,6 +241,11 @@ def supervise(config: Config, count: int) -> int:
                     continue
                 time.sleep(min(1.0, 0.1 * fast_failures))
                 spawn(index)
+            if not stopping and config.worker_stall_timeout:
+                _kill_stalled(children, beats, stalled, config.worker_stall_timeout)
+            if watchdog is not None and time.monotonic() >= watchdog_due:
+                sdnotify.notify(WATCHDOG=1)
+                watchdog_due = time.monotonic() + watchdog
             if deadline is not None and time.monotonic() > deadline:
                 log.error("workers did not stop in time: killing them")
                 _signal_all(children, signal.SIGKILL)
@@ -216,6 +256,25 @@ def supervise(config: Config, count: int) -> int:
         os.close(ready_w)
         sock.close()
         shutil.rmtree(rundir, ignore_errors=True)
+
+
+def _kill_stalled(children: dict[int, int], beats: Heartbeats, stalled: dict[int, float], timeout: float) -> None:
+    """Workers whose event loop has not run for ``timeout``: first their tracebacks (SIGUSR1: faulthandler writes
+    every thread's stack to the log), then, on the next pass, SIGKILL; the reaper restarts them."""
+    now = time.monotonic()
+    for pid, index in children.items():
+        if pid in stalled:
+            if now - stalled[pid] >= 0.5:
+                _signal_all({pid: index}, signal.SIGKILL)
+            continue
+        last = beats.last(index)
+        if last and now - last > timeout:
+            log.error(
+                "worker stalled: its event loop has not run for too long; killing it",
+                extra={"fields": {"worker": index, "pid": pid, "seconds": round(now - last, 1)}},
+            )
+            stalled[pid] = now
+            _signal_all({pid: index}, signal.SIGUSR1)
 
 
 def _count_ready(fd: int) -> int:
@@ -256,6 +315,9 @@ def _child_setup(supervisor: int) -> None:
     if os.getppid() != supervisor:  # the supervisor died between fork and prctl (it may itself be PID 1)
         os._exit(1)
     os.environ.pop("NOTIFY_SOCKET", None)  # the supervisor speaks for the service (keepstore.sdnotify)
+    # A stalled worker's threads' stacks, on the supervisor's SIGUSR1 (written without the GIL, so even a loop
+    # stuck holding it gets them out): what it was doing is the first thing its log needs.
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
     for sig in _SUPERVISED:
         # SIGHUP ignored until the worker's event loop takes it over (keepstore.server.serve): a reload forwarded
         # to a worker that is still starting must not kill it.

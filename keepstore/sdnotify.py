@@ -3,7 +3,9 @@
 Under ``Type=notify`` (systemd/keepstore.service) systemd counts the service as started only once it receives
 ``READY=1``, and shows the last ``STATUS=`` line in ``systemctl status``. keepstore sends READY=1 once it accepts
 connections (with several worker processes: once every worker does), and STOPPING=1 when a SIGTERM starts the
-drain. Without ``$NOTIFY_SOCKET`` (not started by systemd) every call does nothing.
+drain. Under ``WatchdogSec=`` it sends WATCHDOG=1 at half that period: from the event loop itself with one process,
+from the supervisor with several (which restarts a worker whose event loop stalls itself: keepstore.multiproc).
+Without ``$NOTIFY_SOCKET`` (not started by systemd) every call does nothing.
 
 Only the main process notifies: under the default ``NotifyAccess=main`` systemd ignores what other processes send,
 and a worker that sent READY=1 for itself would say the service was ready before the others are.
@@ -62,6 +64,15 @@ def stopping(drain_timeout: float) -> dict[str, str | int]:
         "STATUS": f"draining (at most {drain_timeout:g} s)",
         "EXTEND_TIMEOUT_USEC": int((drain_timeout + STOP_SLACK) * 1_000_000),
     }
+
+
+def watchdog_interval() -> float | None:
+    """How often to send WATCHDOG=1 (half systemd's WatchdogSec), or None when the watchdog is not on for us."""
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    pid = os.environ.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 2e6
 
 
 def _one_line(value: str | int) -> str:

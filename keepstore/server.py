@@ -12,8 +12,9 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from . import hashing, logs, tls
+from . import hashing, logs, sdnotify, tls
 from .accept import BalancedSite
+from .aio import repeat
 from .config import Config
 from .http.app import KeepHTTP
 from .http.protocol import KeepServer
@@ -120,6 +121,14 @@ async def _serve(
     )
     if on_ready is not None:
         on_ready()
+    # Liveness, from the event loop itself (a stalled loop stops it): to the supervisor, which restarts a stalled
+    # worker (keepstore.multiproc), or with one process to systemd's watchdog, if WatchdogSec is set.
+    stop_beating: Callable[[], None] | None = None
+    if worker is not None and worker.beats is not None:
+        beats, index = worker.beats, worker.index
+        stop_beating = repeat(beats.INTERVAL, lambda: beats.beat(index))
+    elif worker is None and (interval := sdnotify.watchdog_interval()) is not None:
+        stop_beating = repeat(interval, lambda: sdnotify.notify(WATCHDOG=1))
 
     try:
         await stop.wait()
@@ -136,5 +145,7 @@ async def _serve(
         if internal is not None:
             await internal.cleanup()
         await service.close()
+        if stop_beating is not None:
+            stop_beating()
         log.info("stopped")
         logs.flush()

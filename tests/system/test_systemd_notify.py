@@ -99,3 +99,26 @@ def test_a_notify_socket_that_is_gone_does_not_stop_the_server(server_factory: S
     assert srv.put(data).status == 200
     assert any("cannot notify systemd" in line.get("msg", "") for line in srv.log_lines()), srv.log_text()
     assert srv.stop() == 0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_watchdog_pings_at_half_the_period(
+    server_factory: ServerFactory, notify_socket: socket.socket, workers: int
+) -> None:
+    srv = server_factory(
+        volumes=1,
+        start=False,
+        env={"NOTIFY_SOCKET": notify_socket.getsockname(), "WATCHDOG_USEC": "400000"},
+        extra={"KeepstorePy": {"Workers": workers}},
+    )
+    srv.start(wait=False)
+    received: list[dict[str, str]] = []
+    while not any(f.get("READY") == "1" for f in received):
+        received.append(fields(notify_socket.recv(4096)))
+    notify_socket.settimeout(0.5)  # a ping is due every 0.2 s
+    pings = 0
+    for _ in range(5):
+        if fields(notify_socket.recv(4096)).get("WATCHDOG") == "1":
+            pings += 1
+    assert pings == 5
+    assert srv.stop() == 0

@@ -214,3 +214,32 @@ def test_sighup_does_not_stop_the_server(server_factory: ServerFactory) -> None:
         assert workers_of(srv) == before  # no worker died and was replaced
         assert srv.put(f"after hup {workers}".encode()).status == 200
         assert srv.stop() == 0
+
+
+def test_stalled_worker_is_killed_with_its_stacks_and_replaced(server_factory: ServerFactory) -> None:
+    srv = server_factory(extra={"KeepstorePy": {"Workers": 2, "WorkerStallTimeout": "2s"}})
+    wait_for(lambda: "all workers ready" in srv.log_text(), what="workers ready")
+    survivor, victim = workers_of(srv)
+    os.kill(victim, signal.SIGSTOP)  # its event loop stops; its process stays
+    try:
+
+        def stalled() -> dict[str, object] | None:
+            return next((ln for ln in srv.log_lines() if str(ln.get("msg", "")).startswith("worker stalled")), None)
+
+        line = wait_for(stalled, timeout=20, what="the stall to be noticed")
+    finally:
+        # Let it run again: the SIGUSR1 the supervisor sent it is delivered now, and its threads' stacks are
+        # written before the SIGKILL that follows half a second later.
+        os.kill(victim, signal.SIGCONT)
+    assert line["pid"] == victim
+    assert float(str(line["seconds"])) >= 2
+
+    def replaced() -> bool:
+        now = workers_of(srv)
+        return len(now) == 2 and victim not in now
+
+    wait_for(replaced, what="a replacement worker")
+    assert survivor in workers_of(srv)  # the healthy worker was left alone
+    wait_for(lambda: "most recent call first" in srv.log_text(), what="the stalled worker's stacks in the log")
+    for i in range(10):
+        assert srv.put(f"after a stall {i}".encode()).status == 200

@@ -762,3 +762,20 @@ def test_direct_writes_are_on_unless_turned_off() -> None:
     assert c.direct_writes is False and c.warnings == ()
     msg = error(with_key(make_doc(), "KeepstorePy.DirectWrites", 1))
     assert msg.startswith("Clusters.zzzzz.KeepstorePy.DirectWrites: ")
+
+
+@pytest.mark.parametrize(("value", "seconds"), [(None, 60.0), ("0s", 0.0), (0, 0.0), ("2s", 2.0), ("5m", 300.0)])
+def test_worker_stall_timeout(value: Any, seconds: float) -> None:
+    doc = make_doc() if value is None else with_key(make_doc(), "KeepstorePy.WorkerStallTimeout", value)
+    assert load(doc).worker_stall_timeout == seconds
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("1s", "must be 0 (off) or at least 2s, not 1s"), ("500ms", "at least 2s"), ("-1s", "must not be negative")],
+)
+def test_worker_stall_timeout_too_short(value: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load(with_key(make_doc(), "KeepstorePy.WorkerStallTimeout", value))
+    assert err.value.path == "Clusters.zzzzz.KeepstorePy.WorkerStallTimeout"
+    assert message in str(err.value)

@@ -53,3 +53,14 @@ def test_stopping_extends_the_stop_timeout_past_the_drain() -> None:
         "STATUS": "draining (at most 30 s)",
         "EXTEND_TIMEOUT_USEC": 45_000_000,
     }
+
+
+@pytest.mark.parametrize(
+    ("usec", "pid", "expected"),
+    [("", "", None), ("0", "", None), ("30000000", "", 15.0), ("30000000", "self", 15.0), ("30000000", "1", None)],
+)
+def test_watchdog_interval(monkeypatch: pytest.MonkeyPatch, usec: str, pid: str, expected: float | None) -> None:
+    monkeypatch.setenv("WATCHDOG_USEC", usec)
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()) if pid == "self" else pid)
+    # WATCHDOG_PID names the process systemd watches: another one's watchdog is not ours to feed.
+    assert sdnotify.watchdog_interval() == expected

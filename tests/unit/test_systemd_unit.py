@@ -70,3 +70,8 @@ def test_runtime_directory_for_the_internal_sockets() -> None:
 def test_reload_is_sighup_to_the_supervisor() -> None:
     # keepstore.server reloads the TLS key pair on SIGHUP; keepstore.multiproc forwards it to every worker.
     assert shlex.split(unit()["Service"]["ExecReload"])[1:] == ["-HUP", "$MAINPID"]
+
+
+def test_watchdog_period_leaves_room_for_a_late_ping() -> None:
+    # keepstore.sdnotify pings at half of it, so one late ping is not a kill.
+    assert seconds(unit()["Service"]["WatchdogSec"]) >= 10
