@@ -40,6 +40,7 @@ PATIENCE = 0.05  # seconds a waiting connection is left to the least-loaded work
 IMPATIENCE = 1.0  # seconds after taking a connection another worker left waiting, during which none is left waiting
 BURST = 64  # connections accepted per wake-up at most (as asyncio's own accept loop bounds it by the backlog)
 _RETRY_AFTER = 1.0  # seconds before accepting again after running out of file descriptors or memory (as asyncio)
+TLS_HANDSHAKE_TIMEOUT = 10.0  # seconds an accepted connection may take to complete its TLS handshake
 
 
 class Loads:
@@ -132,6 +133,10 @@ class BalancedAcceptor:
             return
         self._closed = True
         self._loads.mark_down(self._index)
+        # Connections still being set up (a TLS handshake) would be made after the drain has looked for
+        # connections to finish: close them now instead of cutting them at exit.
+        for task in self._tasks:
+            task.cancel()
         if self._reading:
             self._loop.remove_reader(self._sock.fileno())
             self._reading = False
@@ -233,10 +238,20 @@ class BalancedAcceptor:
     async def _connect(self, conn: socket.socket, handler: RequestHandler) -> None:
         try:
             # With TLS this returns after the handshake: until then the connection counts as starting.
-            await self._loop.connect_accepted_socket(lambda: handler, conn, ssl=self._ssl)
+            if self._ssl is None:
+                await self._loop.connect_accepted_socket(lambda: handler, conn)
+            else:
+                await self._loop.connect_accepted_socket(
+                    lambda: handler, conn, ssl=self._ssl, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT
+                )
+        except (OSError, TimeoutError) as exc:
+            # A client that hung up, or failed or never finished its TLS handshake (a port scan, plain HTTP sent
+            # to the TLS port): routine, and the client knows.
+            conn.close()
+            log.debug("connection lost before it was set up", extra={"fields": {"error": _describe(exc)}})
         except Exception as exc:
             conn.close()
-            log.warning("accepted connection lost before it was set up", extra={"fields": {"error": str(exc)}})
+            log.warning("accepted connection lost before it was set up", extra={"fields": {"error": _describe(exc)}})
         finally:
             if handler in self._starting:  # never made: it no longer counts
                 self.publish(handler)
@@ -275,3 +290,7 @@ class BalancedSite(BaseSite):
         server.connections_changed = acceptor.publish
         acceptor.start()
         self._server: Any = acceptor  # what BaseSite.stop closes
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -71,9 +72,9 @@ def load(path: str) -> Config:
     config = load_file(path)
     check_volume_specs(config)
     if config.tls:
-        from .tls import server_context
+        from .tls import check
 
-        server_context(config)  # the key pair loads (else a ConfigError naming the key)
+        check(config)  # the key pair loads (else a ConfigError naming the key)
     return config
 
 
@@ -108,6 +109,8 @@ def _masked_parameters(params: object) -> dict[str, object]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Until the server takes SIGHUP over (a reload), it must not kill the process: systemctl reload may come early.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     args = _parser().parse_args(argv)
     path = args.config or (DEFAULT_CONFIG_PATH if os.path.exists(DEFAULT_CONFIG_PATH) else None)
     banner = ""

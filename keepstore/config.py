@@ -288,18 +288,20 @@ def from_document(doc: Any, source: str, env: Mapping[str, str]) -> Config:
     tls_reader = c.sub("TLS")
     tls_certificate, tls_key = "", ""
     if tls:
-        # As Arvados requires: both as file:// URLs (keepstore.tls loads them, and again on SIGHUP).
+        # Both files, as file:// URLs or absolute paths (Arvados takes either; keepstore.tls loads them).
         for key in ("Certificate", "Key"):
             value = tls_reader.string(key)
-            if not value.startswith("file://") or len(value) <= len("file://"):
+            path = value[len("file://") :] if value.startswith("file://") else value
+            if not path.startswith("/"):
                 raise ConfigError(
                     f"{base}.TLS.{key}",
-                    f"required as a file:// URL (e.g. file:///etc/arvados/tls.{key.lower()}) to serve {listen_url}",
+                    f"required as a file:// URL or an absolute path (e.g. file:///etc/arvados/tls.{key.lower()}) "
+                    f"to serve {listen_url}",
                 )
             if key == "Certificate":
-                tls_certificate = value[len("file://") :]
+                tls_certificate = path
             else:
-                tls_key = value[len("file://") :]
+                tls_key = path
 
     api = c.sub("API")
     coll = c.sub("Collections")

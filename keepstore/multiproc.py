@@ -53,6 +53,7 @@ from .accept import Loads
 from .config import Config, ConfigError
 from .errors import ServiceUnavailable
 from .state import State
+from .tls import ServerTLS
 
 log = logging.getLogger("keepstore.workers")
 
@@ -92,6 +93,7 @@ class WorkerInfo:
     sockets: tuple[str, ...]  # internal socket of every worker, by index
     loads: Loads | None = None  # open connections of every worker (keepstore.accept), shared with the supervisor
     beats: Heartbeats | None = None  # when each worker's event loop last ran, shared with the supervisor
+    tls: ServerTLS | None = None  # the supervisor's TLS key pair as it was at fork (reloaded by the worker)
 
     @property
     def primary(self) -> bool:
@@ -142,6 +144,10 @@ def supervise(config: Config, count: int) -> int:
 
     # One listening socket for all workers, bound here and kept open here: connections that arrive while workers
     # (re)start wait in its queue. Who accepts each one is decided by the workers' loads (keepstore.accept).
+    # Loaded here, before any worker: a pair that does not load is a config error at start-up. Each worker gets
+    # this one at fork and reloads it on SIGHUP; so does the supervisor, so that a worker restarted while the
+    # files on disk are broken (a renewal half-written) still starts, with the last pair that loaded.
+    server_tls = ServerTLS(config) if config.tls else None
     sock = bind_socket(config)
     loads = Loads(count)
     beats = Heartbeats(count)
@@ -169,7 +175,7 @@ def supervise(config: Config, count: int) -> int:
             try:
                 os.close(ready_r)
                 _child_setup(supervisor)
-                code = _run_worker(config, WorkerInfo(index, count, sockets, loads, beats), sock, ready_w)
+                code = _run_worker(config, WorkerInfo(index, count, sockets, loads, beats, server_tls), sock, ready_w)
             except ConfigError as exc:
                 print(f"config error: {exc}", file=sys.stderr, flush=True)
                 code = EXIT_CONFIG
@@ -210,6 +216,8 @@ def supervise(config: Config, count: int) -> int:
                     sdnotify.notify(**sdnotify.stopping(config.drain_timeout))
                     _signal_all(children, signal.SIGTERM)
                 elif info.si_signo == signal.SIGHUP:
+                    if server_tls is not None:
+                        server_tls.reload()
                     _signal_all(children, signal.SIGHUP)
             for pid, status in _reap():
                 stalled.pop(pid, None)
@@ -220,7 +228,11 @@ def supervise(config: Config, count: int) -> int:
                 code = os.waitstatus_to_exitcode(status)
                 if stopping:
                     continue
-                if code == EXIT_CONFIG:
+                if code == EXIT_CONFIG and ready < count:
+                    # At start-up a config error stops the service (exit 2: systemd does not restart it). Once it
+                    # has served, a worker that fails so on a restart (a volume gone, say) is restarted like any
+                    # other; if it keeps failing, the supervisor gives up below with 1 and systemd starts it all
+                    # afresh, and then a lasting config error is reported with 2.
                     stopping = True
                     deadline = time.monotonic() + config.drain_timeout + KILL_AFTER_DRAIN
                     _signal_all(children, signal.SIGTERM)

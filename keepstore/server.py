@@ -6,14 +6,13 @@ import asyncio
 import logging
 import signal
 import socket
-import ssl
 import sys
 from collections.abc import Callable
 
 from aiohttp import web
 
-from . import hashing, logs, sdnotify, tls
-from .accept import BalancedSite
+from . import hashing, logs, sdnotify
+from .accept import BalancedSite, Loads
 from .aio import repeat
 from .config import Config
 from .http.app import KeepHTTP
@@ -21,6 +20,7 @@ from .http.protocol import KeepServer
 from .multiproc import WorkerInfo, internal_app
 from .service import Service
 from .state import snapshot
+from .tls import CHECK_INTERVAL, ServerTLS
 
 log = logging.getLogger("keepstore")
 
@@ -59,17 +59,25 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    # Before anything listens: a key pair that does not load is a config error (exit 2), not a running server
-    # that fails every handshake.
-    ssl_context = tls.server_context(config) if config.tls else None
     # SIGHUP (systemctl reload) must not kill the server. It reloads the TLS key pair (a renewed certificate);
-    # there is nothing else to reload (logs go to stderr).
-    if ssl_context is not None:
-        loop.add_signal_handler(signal.SIGHUP, tls.reload, ssl_context, config)
-    else:
-        loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP received: nothing to reload"))
+    # there is nothing else to reload (logs go to stderr). Installed before the pair is loaded: a SIGHUP that
+    # comes meanwhile finds nothing to reload, and the load that follows reads the files as they are then.
+    server_tls: ServerTLS | None = None
+
+    def hup() -> None:
+        if server_tls is not None:
+            server_tls.reload()
+        else:
+            log.info("SIGHUP received: nothing to reload")
+
+    loop.add_signal_handler(signal.SIGHUP, hup)
+    if config.tls:
+        # A worker takes the supervisor's (the pair it last loaded well: a worker restarted while the files are
+        # broken still starts); a single process loads its own, before anything listens: a pair that does not
+        # load is a config error (exit 2), not a running server that fails every handshake.
+        server_tls = worker.tls if worker is not None and worker.tls is not None else ServerTLS(config)
     try:
-        await _serve(config, stop, on_ready, on_drain, sock, worker, ssl_context)
+        await _serve(config, stop, on_ready, on_drain, sock, worker, server_tls)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
@@ -82,7 +90,7 @@ async def _serve(
     on_drain: Callable[[], object] | None,
     sock: socket.socket | None,
     worker: WorkerInfo | None,
-    ssl_context: ssl.SSLContext | None,
+    server_tls: ServerTLS | None,
 ) -> None:
     if sock is None:
         sock = bind_socket(config)
@@ -104,10 +112,13 @@ async def _serve(
         await internal.setup()
         await web.UnixSite(internal, worker.own_socket).start()
     site: web.BaseSite
+    ssl_context = server_tls.context if server_tls is not None else None
     if worker is not None and worker.loads is not None:
         site = BalancedSite(runner, sock, worker.loads, worker.index, ssl_context)  # one socket for all workers
+    elif ssl_context is not None:
+        site = BalancedSite(runner, sock, Loads(1), 0, ssl_context)  # (for its TLS handshake timeout)
     else:
-        site = web.SockSite(runner, sock, ssl_context=ssl_context)
+        site = web.SockSite(runner, sock)
     await site.start()
     log.info(
         "listening",
@@ -129,6 +140,8 @@ async def _serve(
         stop_beating = repeat(beats.INTERVAL, lambda: beats.beat(index))
     elif worker is None and (interval := sdnotify.watchdog_interval()) is not None:
         stop_beating = repeat(interval, lambda: sdnotify.notify(WATCHDOG=1))
+    # A renewed certificate is taken up within the hour even without a SIGHUP (as Arvados does).
+    stop_looking = repeat(CHECK_INTERVAL, server_tls.reload_if_changed) if server_tls is not None else None
 
     try:
         await stop.wait()
@@ -145,7 +158,8 @@ async def _serve(
         if internal is not None:
             await internal.cleanup()
         await service.close()
-        if stop_beating is not None:
-            stop_beating()
+        for stop_repeating in (stop_beating, stop_looking):
+            if stop_repeating is not None:
+                stop_repeating()
         log.info("stopped")
         logs.flush()

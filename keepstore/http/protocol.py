@@ -122,9 +122,15 @@ class KeepRequestHandler(RequestHandler):
 
     def _set_read_size(self, size: int) -> None:
         transport = self.transport
-        # asyncio's socket transports read max_size bytes per recv(); other transports (TLS) keep their own.
-        if transport is not None and hasattr(transport, "max_size"):
+        if transport is None:
+            return
+        if hasattr(transport, "max_size"):
+            # asyncio's socket transports read max_size bytes per recv()
             transport.max_size = size
+        elif hasattr(transport, "set_read_buffer_limits"):
+            # TLS: its reads are keepstore.tls.READ_SIZE; what it may hold of undecrypted data while reading is
+            # paused is this limit (256 KiB by default).
+            transport.set_read_buffer_limits(high=size)
 
     # --- the fast path (keepstore.http.fast) ---------------------------------------------------------------------
 

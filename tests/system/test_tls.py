@@ -20,7 +20,18 @@ from typing import Any
 
 import pytest
 import trustme
-from keeptest import MGMT_TOKEN, ROOT_TOKEN, USER_TOKEN, KeepServer, ServerFactory, md5, sign, stored_files, wait_for
+from keeptest import (
+    MGMT_TOKEN,
+    ROOT_TOKEN,
+    USER_TOKEN,
+    KeepServer,
+    ServerFactory,
+    md5,
+    process_tree,
+    sign,
+    stored_files,
+    wait_for,
+)
 
 
 @dataclass
@@ -30,9 +41,9 @@ class Pki:
     cert_file: Path
     key_file: Path
 
-    def issue(self) -> int:
+    def issue(self, key_type: trustme.KeyType = trustme.KeyType.ECDSA) -> int:
         """Write a new server certificate (and key) for 127.0.0.1 over the files; its serial number."""
-        leaf = self.ca.issue_cert("127.0.0.1")
+        leaf = self.ca.issue_cert("127.0.0.1", key_type=key_type)
         leaf.private_key_pem.write_to_path(str(self.key_file))
         leaf.cert_chain_pems[0].write_to_path(str(self.cert_file))
         return _serial(leaf.cert_chain_pems[0].bytes())
@@ -53,7 +64,7 @@ def pki(tmp_path: Path) -> Pki:
     ca = trustme.CA()
     p = Pki(ca, tmp_path / "ca.pem", tmp_path / "tls.crt", tmp_path / "tls.key")
     ca.cert_pem.write_to_path(str(p.ca_file))
-    p.issue()
+    p.issue(trustme.KeyType.RSA)
     return p
 
 
@@ -95,10 +106,10 @@ def https(
         conn.close()
 
 
-def served_serial(srv: KeepServer, pki: Pki) -> int:
+def served_serial(srv: KeepServer, pki: Pki, ctx: ssl.SSLContext | None = None) -> int:
     with (
         socket.create_connection(("127.0.0.1", srv.port), timeout=10) as raw,
-        pki.client_context().wrap_socket(raw, server_hostname="127.0.0.1") as s,
+        (ctx or pki.client_context()).wrap_socket(raw, server_hostname="127.0.0.1") as s,
     ):
         der = s.getpeercert(binary_form=True)
     assert der is not None
@@ -110,8 +121,8 @@ def served_serial(srv: KeepServer, pki: Pki) -> int:
 @pytest.mark.parametrize("workers", [1, 2])
 def test_put_get_head_touch_over_tls(server_factory: ServerFactory, pki: Pki, workers: int) -> None:
     srv = tls_server(server_factory, pki, workers=workers)
-    small, large = b"tls small block", os.urandom(1 << 20)
-    for data in (small, large):
+    small, large, streamed = b"tls small block", os.urandom(1 << 20), os.urandom(9 << 20)
+    for data in (small, large, streamed):  # the fast path, a buffered body, a body streamed to disk
         status, body = https(srv, pki, "PUT", f"/{md5(data)}", data)
         assert status == 200, body
         locator = body.decode().strip()
@@ -143,18 +154,37 @@ def test_plain_http_to_the_tls_port_gets_no_answer_and_stores_nothing(server_fac
     assert https(srv, pki, "PUT", f"/{md5(data)}", data)[0] == 200
 
 
-def test_sighup_reloads_the_certificate(server_factory: ServerFactory, pki: Pki) -> None:
-    srv = tls_server(server_factory, pki, workers=2)
-    first = served_serial(srv, pki)
+def rsa_only(pki: Pki) -> ssl.SSLContext:
+    """A client that takes RSA certificates only (TLS 1.2 with RSA-authenticated suites)."""
+    ctx = pki.client_context()
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers("ECDHE-RSA-AES128-GCM-SHA256:ECDHE-RSA-AES256-GCM-SHA384")
+    return ctx
+
+
+def reloads(srv: KeepServer, message: str) -> set[int]:
+    """PIDs of the processes that logged ``message``."""
+    return {int(ln["PID"]) for ln in srv.log_lines() if ln.get("msg") == message}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sighup_replaces_the_certificate_in_every_worker(server_factory: ServerFactory, pki: Pki, workers: int) -> None:
+    srv = tls_server(server_factory, pki, workers=workers)
+    first = served_serial(srv, pki, rsa_only(pki))  # an RSA pair to begin with
     kept = http.client.HTTPSConnection("127.0.0.1", srv.port, context=pki.client_context(), timeout=30)
     kept.request("GET", "/index", headers={"Authorization": f"Bearer {ROOT_TOKEN}"})
     assert kept.getresponse().read() == b"\n"
+    servers = set(process_tree(srv.pid)[1:] or [srv.pid])
 
-    second = pki.issue()
-    assert second != first
-    os.kill(srv.pid, signal.SIGHUP)  # the supervisor forwards it to every worker
-    # Every worker: new connections are spread over both, so all of them must show the new certificate.
-    wait_for(lambda: all(served_serial(srv, pki) == second for _ in range(6)), what="the renewed certificate")
+    second = pki.issue(trustme.KeyType.ECDSA)
+    os.kill(srv.pid, signal.SIGHUP)  # with workers, the supervisor reloads and forwards it to each
+    wait_for(lambda: servers <= reloads(srv, "TLS certificate reloaded"), what="every worker reloading")
+    for _ in range(6):  # new connections, spread over the workers
+        assert served_serial(srv, pki) == second
+    # Replaced, not added to: the RSA certificate is not offered any more, even to a client that takes nothing else.
+    with pytest.raises(ssl.SSLError):
+        served_serial(srv, pki, rsa_only(pki))
+    assert first != second
     # A connection made before the reload goes on with the session it has.
     kept.request("GET", "/index", headers={"Authorization": f"Bearer {ROOT_TOKEN}"})
     assert kept.getresponse().read() == b"\n"
@@ -163,13 +193,31 @@ def test_sighup_reloads_the_certificate(server_factory: ServerFactory, pki: Pki)
     # A broken renewal is refused: the pair in use stays, and the server keeps serving.
     pki.key_file.write_text("not a key\n")
     os.kill(srv.pid, signal.SIGHUP)
-    wait_for(
-        lambda: sum("TLS certificate not reloaded" in ln.get("msg", "") for ln in srv.log_lines()) >= 2,
-        what="both workers refusing the broken key",
-    )
+    wait_for(lambda: servers <= reloads(srv, "TLS certificate not reloaded: keeping the one in use"), what="refusals")
     assert served_serial(srv, pki) == second
     data = b"after a failed reload"
     assert https(srv, pki, "PUT", f"/{md5(data)}", data)[0] == 200
+
+
+def test_a_worker_restarted_while_the_files_are_broken_serves_the_last_good_pair(
+    server_factory: ServerFactory, pki: Pki
+) -> None:
+    srv = tls_server(server_factory, pki, workers=2)
+    serial = served_serial(srv, pki)
+    pki.key_file.write_text("a renewal half-written\n")
+    victim = process_tree(srv.pid)[2]
+    os.kill(victim, signal.SIGKILL)
+
+    def replaced() -> bool:
+        now = process_tree(srv.pid)[1:]
+        return len(now) == 2 and victim not in now
+
+    wait_for(replaced, what="a replacement worker")
+    assert srv.proc is not None and srv.proc.poll() is None
+    for i in range(6):  # over both workers
+        assert served_serial(srv, pki) == serial
+        data = f"served by a restarted worker {i}".encode()
+        assert https(srv, pki, "PUT", f"/{md5(data)}", data)[0] == 200
 
 
 def pull(src: KeepServer, dst: KeepServer, pki: Pki, data: bytes) -> None:

@@ -550,15 +550,36 @@ def test_http_ignores_the_tls_keys() -> None:
         ({}, "Certificate"),
         ({"Certificate": "file:///c"}, "Key"),
         ({"Certificate": "-----BEGIN CERTIFICATE-----...", "Key": "file:///k"}, "Certificate"),
-        ({"Certificate": "file:///c", "Key": "/etc/arvados/tls.key"}, "Key"),
+        ({"Certificate": "file:///c", "Key": "tls.key"}, "Key"),
         ({"Certificate": "file://", "Key": "file:///k"}, "Certificate"),
+        ({"Certificate": "file://relative/c", "Key": "file:///k"}, "Certificate"),
     ],
 )
-def test_https_needs_both_files_as_file_urls(tls: dict[str, str], key: str) -> None:
+def test_https_needs_both_files_as_file_urls_or_absolute_paths(tls: dict[str, str], key: str) -> None:
     with pytest.raises(ConfigError) as err:
         load(tls_doc(**tls))
     assert err.value.path == f"Clusters.zzzzz.TLS.{key}"
-    assert "required as a file:// URL" in str(err.value)
+    assert "required as a file:// URL or an absolute path" in str(err.value)
+
+
+def test_tls_files_as_plain_absolute_paths() -> None:
+    c = load(tls_doc(Certificate="/etc/arvados/tls.crt", Key="file:///etc/arvados/tls.key"))
+    assert (c.tls_certificate, c.tls_key) == ("/etc/arvados/tls.crt", "/etc/arvados/tls.key")
+
+
+def test_an_https_listen_url_serves_tls_behind_an_http_internal_url() -> None:
+    # The scheme that counts is the one listened on.
+    doc = with_key(
+        make_doc(),
+        "Services.Keepstore.InternalURLs",
+        {"http://keep0.example:25107": {"ListenURL": "https://0.0.0.0:25108"}},
+    )
+    with pytest.raises(ConfigError) as err:
+        load(doc)
+    assert err.value.path == "Clusters.zzzzz.TLS.Certificate"
+    doc["Clusters"]["zzzzz"]["TLS"] = {"Certificate": "file:///c", "Key": "file:///k"}
+    c = load(doc)
+    assert c.tls and (c.listen_host, c.listen_port) == ("0.0.0.0", 25108)
 
 
 # --- volumes: AccessViaHosts, read-only, classes -----------------------------------------------------------------

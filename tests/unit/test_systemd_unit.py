@@ -75,3 +75,8 @@ def test_reload_is_sighup_to_the_supervisor() -> None:
 def test_watchdog_period_leaves_room_for_a_late_ping() -> None:
     # keepstore.sdnotify pings at half of it, so one late ping is not a kill.
     assert seconds(unit()["Service"]["WatchdogSec"]) >= 10
+
+
+def test_no_private_tmp() -> None:
+    # A Directory volume under /tmp or /var/tmp would get a private copy, deleted whenever the service stops.
+    assert unit()["Service"].get("PrivateTmp", "no") == "no"
