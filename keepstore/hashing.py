@@ -139,16 +139,23 @@ STRIPE = 256 * 1024  # bytes of each segment read and hashed per round
 
 
 def digest_segments(
-    read: Callable[[memoryview, int], int], size: int, checkpoints: Checkpoints, scratch: memoryview
+    read: Callable[[memoryview, int], int],
+    size: int,
+    checkpoints: Checkpoints,
+    scratch: memoryview,
+    keep: bool = False,
 ) -> str | None:
     """Thread side: MD5 of ``size`` bytes got with ``read(view, offset)``, all segments hashed at once.
 
     Returns the digest if every segment ends on its checkpoint, else None (the caller hashes from the start).
     ``scratch`` holds two rounds of stripes (2 x segments x STRIPE bytes, less if it is smaller): one is read into
-    while the engine hashes the other. Raises ShortRead if ``read`` returns less than asked.
+    while the engine hashes the other. With ``keep`` (``scratch`` at least ``size`` long), every stripe is read to
+    its own offset instead, so that ``scratch`` holds the block afterwards. Raises ShortRead if ``read`` returns
+    less than asked.
     """
     interval, n = checkpoints.interval, checkpoints.segments
-    stripe = min(STRIPE, interval, (len(scratch) // (2 * n)) // 64 * 64)
+    keep = keep and len(scratch) >= size
+    stripe = min(STRIPE, interval) if keep else min(STRIPE, interval, (len(scratch) // (2 * n)) // 64 * 64)
     if stripe <= 0:
         return None  # no room for two rounds of stripes: the caller hashes from the start
     states = [new_md5()] + [_md5mb.Md5.resume(checkpoints.chain(i), i * interval) for i in range(1, n)]
@@ -162,7 +169,8 @@ def digest_segments(
                 length = min(stripe, min(size, (i + 1) * interval) - start)
                 if length <= 0:
                     continue
-                window = scratch[base + i * stripe : base + i * stripe + length]
+                at = start if keep else base + i * stripe
+                window = scratch[at : at + length]
                 if read(window, start) != length:
                     raise ShortRead(f"short read at {start} of {size} bytes")
                 batch.append((states[i], window))

@@ -59,25 +59,34 @@ async def read(call: Call, match: re.Match[str]) -> Reply | None:
             raise NoToken()
         assert svc.signer is not None  # config validation guarantees a key when signing is on
         svc.signer.verify(loc.text, tokens[0])
+    # Over TLS sendfile(2) cannot be used: asyncio would copy the file through a 256 KiB buffer, a thread hop and a
+    # flow-control wait per piece (GET 1 MiB at 8 connections: 220 MB/s, against 1.4 GB/s in clear). The block is
+    # read into the request's buffer while it is verified anyway: it is sent from there.
+    transport = request.transport
+    encrypted = transport is not None and transport.get_extra_info("sslcontext") is not None
     buf = await svc.pool.acquire()
     block: BlockData | None = None
     try:
-        block = await svc.store.read(loc.hash, loc.size, buf.view, keep_max=0 if head else SMALL_BODY)
+        keep_max = 0 if head else BLOCK_SIZE if encrypted else SMALL_BODY
+        block = await svc.store.read(loc.hash, loc.size, buf.view, keep_max=keep_max)
         size = block.size
-        in_buffer = block.file is None or size <= SMALL_BODY
+        in_buffer = block.file is None or size <= keep_max
         if in_buffer and not head and size <= SMALL_BODY:
             # One write for headers and body; the copy is cheaper than a second send.
             return Reply(200, bytes(buf.view[:size]), OCTETS)
         await call.start(size)
         if head:
             pass
-        elif block.file is not None:
+        elif not in_buffer:
+            assert block.file is not None
             await call.sendfile(block.file.fileno(), size)  # the very file that was verified
         else:
             for pos in range(0, size, SEND_CHUNK):
-                # The default event loop's transport copies what it cannot send at once, so the buffer may be
-                # reused as soon as the last write returns.
-                await call.send(buf.view[pos : min(size, pos + SEND_CHUNK)])
+                chunk = buf.view[pos : min(size, pos + SEND_CHUNK)]
+                # The default event loop's socket transport copies what it cannot send at once, so the buffer may
+                # be reused as soon as the last write returns. A TLS transport may keep what it is given until it
+                # can encrypt it (during a renegotiation, a shutdown): it gets a copy.
+                await call.send(bytes(chunk) if encrypted else chunk)
         return None
     finally:
         if block is not None:

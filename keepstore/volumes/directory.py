@@ -961,22 +961,23 @@ class _LocalFile(LocalBlock):
         return await self.volume._run(self._digest, scratch, keep and size <= len(scratch))
 
     def _digest(self, scratch: memoryview, keep: bool) -> str:
-        """Thread side: the file's MD5, from all its segments at once if it has checkpoints, else from the start."""
+        """Thread side: the file's MD5, from all its segments at once if it has checkpoints, else from the start;
+        with ``keep``, ``scratch`` holds the block afterwards."""
         volume = self.volume
-        if not keep:
-            checkpoints = volume._get_checkpoints(self.fd, self.size)
-            if checkpoints is not None:
-                try:
-                    digest = digest_segments(self._pread, self.size, checkpoints, scratch)
-                except OSError as exc:
-                    raise volume._fail("read", volume._path(self.hash), exc) from exc
-                except ShortRead as exc:
-                    raise VolumeError(f"read {volume._path(self.hash)}: {exc}") from None
-                if digest is not None:
-                    volume.stats.io(read=self.size)
-                    return digest
-                volume.stats.op("checkpoint_mismatch")  # corrupt data, or a stale hint: hash from the start
-                checkpoints = None
+        # With checkpoints, all segments at once (with ``keep`` each read to its own place in scratch).
+        checkpoints = volume._get_checkpoints(self.fd, self.size)
+        if checkpoints is not None:
+            try:
+                digest = digest_segments(self._pread, self.size, checkpoints, scratch, keep)
+            except OSError as exc:
+                raise volume._fail("read", volume._path(self.hash), exc) from exc
+            except ShortRead as exc:
+                raise VolumeError(f"read {volume._path(self.hash)}: {exc}") from None
+            if digest is not None:
+                volume.stats.io(read=self.size)
+                return digest
+            volume.stats.op("checkpoint_mismatch")  # corrupt data, or a stale hint: hash from the start
+            checkpoints = None
         learn = volume._learn and volume._xattrs and self.size >= PARALLEL_MIN
         interval = segment_length(self.size) if learn else 0
         md5 = new_md5(interval)

@@ -224,6 +224,20 @@ def test_digest_segments(engine: HashEngine, size: int, interval: int | None) ->
     assert digest_segments(reader(data), size, found, scratch()) == md5(data)
 
 
+@pytest.mark.parametrize("size", [PARALLEL_MIN, 1 * MiB + 12345, 9 * MiB + 64])
+def test_digest_segments_keeping_the_block(engine: HashEngine, size: int) -> None:
+    # With keep, the scratch holds the block afterwards (a TLS GET is sent from it), at the same speed of hashing.
+    data = random.Random(size).randbytes(size)
+    found = checkpoints_of(data)
+    buf = bytearray(size + 100)
+    assert digest_segments(reader(data), size, found, memoryview(buf), keep=True) == md5(data)
+    assert buf[:size] == data
+    # a scratch too small to hold the block: hashed as without keep
+    small = scratch()
+    if len(small) < size:
+        assert digest_segments(reader(data), size, found, small, keep=True) == md5(data)
+
+
 def test_digest_segments_with_a_tampered_checkpoint(engine: HashEngine) -> None:
     data = os.urandom(1 * MiB + 5000)
     found = checkpoints_of(data)
