@@ -133,10 +133,11 @@ class BalancedAcceptor:
             return
         self._closed = True
         self._loads.mark_down(self._index)
-        # Connections still being set up (a TLS handshake) would be made after the drain has looked for
-        # connections to finish: close them now instead of cutting them at exit.
-        for task in self._tasks:
-            task.cancel()
+        # TLS connections still in their handshake would be made after the drain has looked for connections to
+        # finish: closed now instead of cut at exit. (A plain one is set up within this loop pass: it is served.)
+        if self._ssl is not None:
+            for task in self._tasks:
+                task.cancel()
         if self._reading:
             self._loop.remove_reader(self._sock.fileno())
             self._reading = False

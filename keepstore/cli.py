@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import logging
 import os
 import signal
@@ -111,6 +112,9 @@ def _masked_parameters(params: object) -> dict[str, object]:
 def main(argv: Sequence[str] | None = None) -> int:
     # Until the server takes SIGHUP over (a reload), it must not kill the process: systemctl reload may come early.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # SIGUSR1: every thread's stack to stderr (the log), from any keepstore process (the supervisor sends it to a
+    # stalled worker; `systemctl kill -s USR1 keepstore` reaches them all), instead of its default: terminate.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     args = _parser().parse_args(argv)
     path = args.config or (DEFAULT_CONFIG_PATH if os.path.exists(DEFAULT_CONFIG_PATH) else None)
     banner = ""

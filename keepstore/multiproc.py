@@ -19,9 +19,10 @@ socket and forks that many workers, which all accept on it. What must stay corre
   worker drains; the supervisor exits 0 once all are done.
 * **Stalls**: each worker's event loop records the time once a second in memory shared with the supervisor
   (:class:`Heartbeats`). One that has not run for ``KeepstorePy.WorkerStallTimeout`` (a deadlock, a blocking call
-  that never returns) is asked for its threads' tracebacks (SIGUSR1, faulthandler, to the log) and killed, and a
-  new worker takes its place; the others go on serving meanwhile. Under systemd's watchdog the supervisor sends
-  WATCHDOG=1 (keepstore.sdnotify).
+  that never returns) is asked for its threads' stacks (SIGUSR1, faulthandler, to the log) and killed half a
+  second later unless it ran again meanwhile; a new worker takes its place and the others go on serving
+  (:class:`StallWatch`). Under systemd's watchdog the supervisor sends WATCHDOG=1 while its workers beat
+  (keepstore.sdnotify).
 
 The internal sockets live in a private directory (mode 0700) and accept only local connections from the same user.
 """
@@ -53,7 +54,7 @@ from .accept import Loads
 from .config import Config, ConfigError
 from .errors import ServiceUnavailable
 from .state import State
-from .tls import ServerTLS
+from .tls import CHECK_INTERVAL, ServerTLS
 
 log = logging.getLogger("keepstore.workers")
 
@@ -151,9 +152,18 @@ def supervise(config: Config, count: int) -> int:
     sock = bind_socket(config)
     loads = Loads(count)
     beats = Heartbeats(count)
-    stalled: dict[int, float] = {}  # pid -> when it was found stalled (asked for tracebacks; killed next pass)
+    stalls = StallWatch(config.worker_stall_timeout)
     watchdog = sdnotify.watchdog_interval()
+    # The watchdog is fed while every serving worker beats: with stall detection on, a stalled worker is the
+    # supervisor's to replace first (it then starts afresh, not judged until it serves); with it off, systemd's.
+    if watchdog is None:
+        watchdog_stale = 0.0
+    elif config.worker_stall_timeout:
+        watchdog_stale = max(2 * watchdog, config.worker_stall_timeout + 5)
+    else:
+        watchdog_stale = 2 * watchdog
     watchdog_due = 0.0
+    tls_due = time.monotonic() + CHECK_INTERVAL
     rundir = tempfile.mkdtemp(prefix="keepstore-", dir=os.environ.get("RUNTIME_DIRECTORY") or None)
     sockets = tuple(f"{rundir}/worker-{i}.sock" for i in range(count))
     ready_r, ready_w = os.pipe()
@@ -199,8 +209,10 @@ def supervise(config: Config, count: int) -> int:
     deadline: float | None = None
     try:
         while children:
-            if ready < count:
-                ready += _count_ready(ready_r)
+            # Read on every pass: restarted workers write to it too, and a full pipe would block the next one.
+            was_ready = ready >= count
+            ready += _count_ready(ready_r)
+            if not was_ready:
                 if ready >= count:
                     log.info("all workers ready", extra={"fields": {"workers": count}})
                     sdnotify.notify(READY=1, STATUS=f"serving {config.internal_url} with {count} worker processes")
@@ -220,7 +232,7 @@ def supervise(config: Config, count: int) -> int:
                         server_tls.reload()
                     _signal_all(children, signal.SIGHUP)
             for pid, status in _reap():
-                stalled.pop(pid, None)
+                stalls.forget(pid)
                 index = children.pop(pid, None)
                 if index is None:
                     continue
@@ -253,11 +265,15 @@ def supervise(config: Config, count: int) -> int:
                     continue
                 time.sleep(min(1.0, 0.1 * fast_failures))
                 spawn(index)
-            if not stopping and config.worker_stall_timeout:
-                _kill_stalled(children, beats, stalled, config.worker_stall_timeout)
+            if not stopping:
+                stalls.check(children, beats)
             if watchdog is not None and time.monotonic() >= watchdog_due:
-                sdnotify.notify(WATCHDOG=1)
+                if stopping or stalls.serving(children, beats, watchdog_stale):
+                    sdnotify.notify(WATCHDOG=1)
                 watchdog_due = time.monotonic() + watchdog
+            if server_tls is not None and time.monotonic() >= tls_due:
+                server_tls.reload_if_changed()  # what a worker restarted later starts with
+                tls_due = time.monotonic() + CHECK_INTERVAL
             if deadline is not None and time.monotonic() > deadline:
                 log.error("workers did not stop in time: killing them")
                 _signal_all(children, signal.SIGKILL)
@@ -270,23 +286,63 @@ def supervise(config: Config, count: int) -> int:
         shutil.rmtree(rundir, ignore_errors=True)
 
 
-def _kill_stalled(children: dict[int, int], beats: Heartbeats, stalled: dict[int, float], timeout: float) -> None:
-    """Workers whose event loop has not run for ``timeout``: first their tracebacks (SIGUSR1: faulthandler writes
-    every thread's stack to the log), then, on the next pass, SIGKILL; the reaper restarts them."""
-    now = time.monotonic()
-    for pid, index in children.items():
-        if pid in stalled:
-            if now - stalled[pid] >= 0.5:
-                _signal_all({pid: index}, signal.SIGKILL)
-            continue
-        last = beats.last(index)
-        if last and now - last > timeout:
-            log.error(
-                "worker stalled: its event loop has not run for too long; killing it",
-                extra={"fields": {"worker": index, "pid": pid, "seconds": round(now - last, 1)}},
+class StallWatch:
+    """The supervisor's judgement of worker event loops, from their heartbeats (one pass per loop of the supervisor).
+
+    A worker whose last beat is older than ``timeout`` is asked for its threads' stacks (SIGUSR1: faulthandler
+    writes them to the log) and, ``KILL_DELAY`` later, killed (the reaper restarts it), unless it beat again
+    meanwhile. Nobody is judged right after the supervisor itself has not run for a while (the whole service was
+    stopped and continued, frozen, or its VM paused): every beat is old then, and the workers need a moment to
+    beat again.
+    """
+
+    KILL_DELAY = 0.5  # seconds between the stack dump and the kill
+    SELF_GAP = 2.0  # seconds without a pass of its own after which the supervisor gives the workers time
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._stalled: dict[int, float] = {}  # pid -> when it was found stalled
+        self._last_pass = 0.0
+        self._grace_until = 0.0
+
+    def forget(self, pid: int) -> None:
+        self._stalled.pop(pid, None)
+
+    def check(self, children: dict[int, int], beats: Heartbeats) -> None:
+        now = time.monotonic()
+        if self._last_pass and now - self._last_pass > self.SELF_GAP:
+            log.warning(
+                "supervisor did not run for a while (stopped, frozen or paused): judging no worker for a moment",
+                extra={"fields": {"seconds": round(now - self._last_pass, 1)}},
             )
-            stalled[pid] = now
-            _signal_all({pid: index}, signal.SIGUSR1)
+            self._grace_until = now + 3 * Heartbeats.INTERVAL
+            self._stalled.clear()
+        self._last_pass = now
+        if not self.timeout or now < self._grace_until:
+            return
+        for pid, index in children.items():
+            last = beats.last(index)
+            found = self._stalled.get(pid)
+            if found is not None:
+                if last > found:
+                    log.warning("stalled worker recovered: not killed", extra={"fields": {"worker": index, "pid": pid}})
+                    del self._stalled[pid]
+                elif now - found >= self.KILL_DELAY:
+                    _signal_all({pid: index}, signal.SIGKILL)
+                continue
+            if last and now - last > self.timeout:
+                log.error(
+                    "worker stalled: its event loop has not run for too long; killing it",
+                    extra={"fields": {"worker": index, "pid": pid, "seconds": round(now - last, 1)}},
+                )
+                self._stalled[pid] = now
+                _signal_all({pid: index}, signal.SIGUSR1)
+
+    def serving(self, children: dict[int, int], beats: Heartbeats, within: float) -> bool:
+        """Whether every worker that has started serving has beaten in the last ``within`` seconds (what the
+        systemd watchdog is fed on)."""
+        now = time.monotonic()
+        return all(not (last := beats.last(i)) or now - last <= within for i in children.values())
 
 
 def _count_ready(fd: int) -> int:

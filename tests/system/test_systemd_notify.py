@@ -6,8 +6,10 @@ systemd starts it from systemd/keepstore.service.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -121,4 +123,41 @@ def test_watchdog_pings_at_half_the_period(
         if fields(notify_socket.recv(4096)).get("WATCHDOG") == "1":
             pings += 1
     assert pings == 5
+    assert srv.stop() == 0
+
+
+def test_watchdog_goes_hungry_while_the_workers_are_stalled(
+    server_factory: ServerFactory, notify_socket: socket.socket
+) -> None:
+    # With stall detection off nothing else replaces a stalled worker: systemd's watchdog must notice.
+    srv = server_factory(
+        volumes=1,
+        start=False,
+        env={"NOTIFY_SOCKET": notify_socket.getsockname(), "WATCHDOG_USEC": "1000000"},
+        extra={"KeepstorePy": {"Workers": 2, "WorkerStallTimeout": "0s"}},
+    )
+    srv.start(wait=False)
+    while fields(notify_socket.recv(4096)).get("READY") != "1":
+        pass
+    workers = process_tree(srv.pid)[1:]
+    notify_socket.settimeout(1.0)  # pings are due every 0.5 s
+    assert fields(notify_socket.recv(4096)) == {"WATCHDOG": "1"}
+    for pid in workers:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(2.5)  # their beats are more than 1 s (the watchdog period) old by now
+        while True:  # what was sent before that
+            try:
+                notify_socket.settimeout(0.01)
+                notify_socket.recv(4096)
+            except TimeoutError:
+                break
+        notify_socket.settimeout(1.5)
+        with pytest.raises(TimeoutError):
+            notify_socket.recv(4096)
+    finally:
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)
+    notify_socket.settimeout(3)
+    assert fields(notify_socket.recv(4096)) == {"WATCHDOG": "1"}  # fed again once they run
     assert srv.stop() == 0

@@ -216,21 +216,21 @@ def test_sighup_does_not_stop_the_server(server_factory: ServerFactory) -> None:
         assert srv.stop() == 0
 
 
-def test_stalled_worker_is_killed_with_its_stacks_and_replaced(server_factory: ServerFactory) -> None:
+def stalling_pair(server_factory: ServerFactory) -> tuple[KeepServer, int, int]:
     srv = server_factory(extra={"KeepstorePy": {"Workers": 2, "WorkerStallTimeout": "2s"}})
     wait_for(lambda: "all workers ready" in srv.log_text(), what="workers ready")
     survivor, victim = workers_of(srv)
-    os.kill(victim, signal.SIGSTOP)  # its event loop stops; its process stays
-    try:
+    return srv, survivor, victim
 
-        def stalled() -> dict[str, object] | None:
-            return next((ln for ln in srv.log_lines() if str(ln.get("msg", "")).startswith("worker stalled")), None)
 
-        line = wait_for(stalled, timeout=20, what="the stall to be noticed")
-    finally:
-        # Let it run again: the SIGUSR1 the supervisor sent it is delivered now, and its threads' stacks are
-        # written before the SIGKILL that follows half a second later.
-        os.kill(victim, signal.SIGCONT)
+def logged(srv: KeepServer, prefix: str) -> dict[str, object] | None:
+    return next((ln for ln in srv.log_lines() if str(ln.get("msg", "")).startswith(prefix)), None)
+
+
+def test_a_stalled_worker_is_killed_and_replaced(server_factory: ServerFactory) -> None:
+    srv, survivor, victim = stalling_pair(server_factory)
+    os.kill(victim, signal.SIGSTOP)  # its event loop stops for good; its process stays
+    line = wait_for(lambda: logged(srv, "worker stalled"), timeout=20, what="the stall to be noticed")
     assert line["pid"] == victim
     assert float(str(line["seconds"])) >= 2
 
@@ -240,6 +240,37 @@ def test_stalled_worker_is_killed_with_its_stacks_and_replaced(server_factory: S
 
     wait_for(replaced, what="a replacement worker")
     assert survivor in workers_of(srv)  # the healthy worker was left alone
-    wait_for(lambda: "most recent call first" in srv.log_text(), what="the stalled worker's stacks in the log")
     for i in range(10):
         assert srv.put(f"after a stall {i}".encode()).status == 200
+
+
+def test_a_stalled_worker_that_recovers_is_spared_and_its_stacks_are_logged(server_factory: ServerFactory) -> None:
+    srv, survivor, victim = stalling_pair(server_factory)
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        wait_for(lambda: logged(srv, "worker stalled"), timeout=20, what="the stall to be noticed")
+    finally:
+        # Running again within the half second before the kill: the SIGUSR1 the supervisor sent is delivered now
+        # (every thread's stack to the log), and its event loop beats again.
+        os.kill(victim, signal.SIGCONT)
+    wait_for(lambda: logged(srv, "stalled worker recovered"), what="the recovery to be noticed")
+    wait_for(lambda: "most recent call first" in srv.log_text(), what="the stalled worker's stacks in the log")
+    time.sleep(1)
+    assert workers_of(srv) == [survivor, victim]
+    assert srv.put(b"after a recovery").status == 200
+
+
+def test_stopping_and_continuing_the_whole_service_kills_no_worker(server_factory: ServerFactory) -> None:
+    # As a cgroup freeze or a VM pause does: every beat is old when the supervisor runs again, its own included.
+    srv, survivor, victim = stalling_pair(server_factory)
+    everyone = [srv.pid, survivor, victim]
+    for pid in everyone:
+        os.kill(pid, signal.SIGSTOP)
+    time.sleep(4)
+    for pid in everyone:  # the supervisor first: the worst case
+        os.kill(pid, signal.SIGCONT)
+    wait_for(lambda: logged(srv, "supervisor did not run for a while"), what="the supervisor noticing its own pause")
+    time.sleep(4)  # past the grace period, and past a stall timeout
+    assert workers_of(srv) == [survivor, victim]
+    assert logged(srv, "worker stalled") is None
+    assert srv.put(b"after a pause").status == 200
