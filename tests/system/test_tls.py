@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import ssl
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -272,3 +273,22 @@ def _no_ambient_ca(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.delenv("SSL_CERT_FILE", raising=False)
     monkeypatch.delenv("SSL_CERT_DIR", raising=False)
     yield
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_handshake_that_never_comes_is_dropped_and_does_not_hold_up_the_drain(
+    server_factory: ServerFactory, pki: Pki, workers: int
+) -> None:
+    srv = tls_server(server_factory, pki, workers=workers)
+    silent = socket.create_connection(("127.0.0.1", srv.port), timeout=30)  # connects, never sends a ClientHello
+    started = time.monotonic()
+    assert silent.recv(1) == b""  # closed by the server (accept.TLS_HANDSHAKE_TIMEOUT)
+    assert 9 <= time.monotonic() - started < 20
+    silent.close()
+    # One still waiting when the drain starts does not keep the server up.
+    waiting = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+    time.sleep(0.2)
+    started = time.monotonic()
+    assert srv.stop() == 0
+    assert time.monotonic() - started < 5
+    waiting.close()
