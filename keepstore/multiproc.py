@@ -68,8 +68,8 @@ _SUPERVISED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 
 class Heartbeats:
     """When each worker's event loop last ran (CLOCK_MONOTONIC seconds, the same in every process), in an
-    anonymous shared mapping made before fork. 0: not serving yet, not judged. Each worker writes only its own
-    slot (aligned 8-byte stores: never torn); the supervisor clears a slot before it starts that worker."""
+    anonymous shared mapping made before fork; 0 until it first runs (not judged). Each worker writes only its
+    own slot (aligned 8-byte stores: never torn); the supervisor clears a slot before it starts that worker."""
 
     INTERVAL = 1.0  # seconds between beats
 
@@ -154,8 +154,8 @@ def supervise(config: Config, count: int) -> int:
     beats = Heartbeats(count)
     stalls = StallWatch(config.worker_stall_timeout)
     watchdog = sdnotify.watchdog_interval()
-    # The watchdog is fed while every serving worker beats: with stall detection on, a stalled worker is the
-    # supervisor's to replace first (it then starts afresh, not judged until it serves); with it off, systemd's.
+    # The watchdog is fed while every worker beats: with stall detection on, a stalled worker is the supervisor's
+    # to replace first (its replacement is not judged until its event loop runs); with it off, systemd's.
     if watchdog is None:
         watchdog_stale = 0.0
     elif config.worker_stall_timeout:
@@ -178,7 +178,7 @@ def supervise(config: Config, count: int) -> int:
 
         logs.flush()  # else the child would write the parent's pending lines again
         loads.mark_down(index)  # until the new worker accepts: nobody waits for it
-        beats.clear(index)  # not judged until it serves
+        beats.clear(index)  # not judged until its event loop runs
         pid = os.fork()
         if pid == 0:
             code = 1

@@ -92,6 +92,12 @@ async def _serve(
     worker: WorkerInfo | None,
     server_tls: ServerTLS | None,
 ) -> None:
+    # Liveness, from the event loop itself (a stalled loop stops it), from the start: the supervisor restarts a
+    # worker that stalls while it starts (a volume that hangs) as well as later (keepstore.multiproc).
+    stop_beating: Callable[[], None] | None = None
+    if worker is not None and worker.beats is not None:
+        beats, index = worker.beats, worker.index
+        stop_beating = repeat(beats.INTERVAL, lambda: beats.beat(index))
     if sock is None:
         sock = bind_socket(config)
     service = Service.build(config)
@@ -132,13 +138,8 @@ async def _serve(
     )
     if on_ready is not None:
         on_ready()
-    # Liveness, from the event loop itself (a stalled loop stops it): to the supervisor, which restarts a stalled
-    # worker (keepstore.multiproc), or with one process to systemd's watchdog, if WatchdogSec is set.
-    stop_beating: Callable[[], None] | None = None
-    if worker is not None and worker.beats is not None:
-        beats, index = worker.beats, worker.index
-        stop_beating = repeat(beats.INTERVAL, lambda: beats.beat(index))
-    elif worker is None and (interval := sdnotify.watchdog_interval()) is not None:
+    if worker is None and (interval := sdnotify.watchdog_interval()) is not None:
+        # One process: its event loop feeds systemd's watchdog (WatchdogSec) itself; a stalled loop stops it.
         stop_beating = repeat(interval, lambda: sdnotify.notify(WATCHDOG=1))
     # A renewed certificate is taken up within the hour even without a SIGHUP (as Arvados does).
     stop_looking = repeat(CHECK_INTERVAL, server_tls.reload_if_changed) if server_tls is not None else None
