@@ -57,7 +57,8 @@ def cell(tls: Path | None, work: str, size: int, duration: float) -> dict[str, f
             first, names = blocks.names_file(int(duration * 8 * 2500) + 100)
             script, extra = "put.lua", (blocks.base_path, first)
         else:
-            first, stored = blocks.names(1000 if size <= 1 << 20 else 16)
+            # (a stored set the page cache holds; 1,000 blocks of 1 MiB per cell would leave gigabytes behind)
+            first, stored = blocks.names(1000 if size <= 64 << 10 else 256)
             seed(url, blocks, first, stored, USER_TOKEN)
             locators = [sign(f"{n}+{size}") for n in stored]
             warm(url, locators, USER_TOKEN)
