@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
+
+log = logging.getLogger("keepstore")
 
 
 def repeat(interval: float, fn: Callable[[], object]) -> Callable[[], None]:
@@ -25,7 +28,11 @@ def repeat(interval: float, fn: Callable[[], object]) -> Callable[[], None]:
         nonlocal handle
         if stopped:
             return
-        fn()
+        try:
+            fn()
+        except Exception:
+            # One failure must not end the repetition (a heartbeat, a certificate check): logged, and on.
+            log.exception("repeated call failed", extra={"fields": {"call": getattr(fn, "__qualname__", repr(fn))}})
         handle = loop.call_later(interval, tick)
 
     def stop() -> None:

@@ -35,10 +35,12 @@ commands:
   keepstore check-config [--config P]   validate a config file and print the effective settings
 
 exit status: 0 after a clean shutdown (SIGTERM drains in-flight requests first), 2 on a configuration error
-(the message names the key, e.g. "config error: Clusters.zzzzz.Volumes.<uuid>.DriverParameters.Root: required").
+(the message names the key, e.g. "config error: Clusters.zzzzz.Volumes.<uuid>.DriverParameters.Root: required"),
+1 when worker processes keep failing.
 
-under systemd (systemd/keepstore.service, Type=notify) keepstore sends READY=1 once every worker serves, and
-STOPPING=1 when a SIGTERM starts the drain.
+signals: SIGTERM drains and stops; SIGHUP reloads the TLS key pair; SIGUSR1 writes every thread's stack to the log.
+Under systemd (systemd/keepstore.service, Type=notify) keepstore sends READY=1 once every worker serves,
+STOPPING=1 when a SIGTERM starts the drain, and WATCHDOG=1 while its event loops run (WatchdogSec).
 """
 
 

@@ -68,8 +68,8 @@ _SUPERVISED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 
 class Heartbeats:
     """When each worker's event loop last ran (CLOCK_MONOTONIC seconds, the same in every process), in an
-    anonymous shared mapping made before fork; 0 until it first runs (not judged). Each worker writes only its
-    own slot (aligned 8-byte stores: never torn); the supervisor clears a slot before it starts that worker."""
+    anonymous shared mapping made before fork; 0: not judged. Each worker writes only its own slot (aligned 8-byte
+    stores: never torn); the supervisor sets a slot to the time it starts that worker."""
 
     INTERVAL = 1.0  # seconds between beats
 
@@ -79,9 +79,6 @@ class Heartbeats:
 
     def beat(self, index: int) -> None:
         self._slots[index] = time.monotonic()
-
-    def clear(self, index: int) -> None:
-        self._slots[index] = 0.0
 
     def last(self, index: int) -> float:
         return float(self._slots[index])
@@ -155,7 +152,7 @@ def supervise(config: Config, count: int) -> int:
     stalls = StallWatch(config.worker_stall_timeout)
     watchdog = sdnotify.watchdog_interval()
     # The watchdog is fed while every worker beats: with stall detection on, a stalled worker is the supervisor's
-    # to replace first (its replacement is not judged until its event loop runs); with it off, systemd's.
+    # to replace first; with it off, systemd's.
     if watchdog is None:
         watchdog_stale = 0.0
     elif config.worker_stall_timeout:
@@ -178,7 +175,7 @@ def supervise(config: Config, count: int) -> int:
 
         logs.flush()  # else the child would write the parent's pending lines again
         loads.mark_down(index)  # until the new worker accepts: nobody waits for it
-        beats.clear(index)  # not judged until its event loop runs
+        beats.beat(index)  # judged from now: one that hangs before its event loop first runs is seen too
         pid = os.fork()
         if pid == 0:
             code = 1
@@ -339,8 +336,7 @@ class StallWatch:
                 _signal_all({pid: index}, signal.SIGUSR1)
 
     def serving(self, children: dict[int, int], beats: Heartbeats, within: float) -> bool:
-        """Whether every worker that has started serving has beaten in the last ``within`` seconds (what the
-        systemd watchdog is fed on)."""
+        """Whether every worker has beaten in the last ``within`` seconds (what the systemd watchdog is fed on)."""
         now = time.monotonic()
         return all(not (last := beats.last(i)) or now - last <= within for i in children.values())
 

@@ -27,7 +27,6 @@ _PEM_CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
 # TLS 1.2 suites (1.3's are all AEAD and forward-secret already), as Arvados restricts them.
 _CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 CHECK_INTERVAL = 3600.0  # seconds between looks at the key pair files (SIGHUP reloads at once)
-HANDSHAKE_TIMEOUT = 10.0  # seconds a connection may take to complete its TLS handshake
 # asyncio gives every TLS connection a read buffer of SSLProtocol.max_size (256 KiB) from its first byte, idle
 # keep-alive connections and handshakes that never finish included: 64 KiB, as plain connections read.
 READ_SIZE = 64 * 1024
@@ -38,20 +37,21 @@ class ServerTLS:
 
     def __init__(self, config: Config) -> None:
         self._config = config
+        self._stamp = _stamp(config)  # before the load: a change written meanwhile is seen next time
         self._current = _load(config)  # ConfigError (naming the key) if the pair does not load
-        self._stamp = _stamp(config)
         self.context = _load(config)
         self.context.sni_callback = self._pick
         _shrink_read_buffer()
 
     def reload(self) -> bool:
         """Load the key pair again for new connections; whether that worked. Never raises."""
+        stamp = _stamp(self._config)  # before the load: a change written meanwhile is seen next time
         try:
             self._current = _load(self._config)
         except ConfigError as exc:
             log.warning("TLS certificate not reloaded: keeping the one in use", extra={"fields": {"error": str(exc)}})
             return False
-        self._stamp = _stamp(self._config)
+        self._stamp = stamp
         log.info("TLS certificate reloaded", extra={"fields": {"certificate": self._config.tls_certificate}})
         return True
 
@@ -92,6 +92,9 @@ def _load(config: Config) -> ssl.SSLContext:
         raise ConfigError(
             f"{base}.Key", f"{config.tls_key} is not the private key of {config.tls_certificate}: {exc.reason or exc}"
         ) from None
+    except OSError as exc:
+        # A file replaced or removed since the look above (a renewal that deletes and writes anew).
+        raise ConfigError(base, f"cannot load {exc.filename or 'the key pair'}: {exc.strerror or exc}") from None
     return ctx
 
 

@@ -128,7 +128,7 @@ def test_put_get_head_touch_over_tls(server_factory: ServerFactory, pki: Pki, wo
         assert status == 200, body
         locator = body.decode().strip()
         assert locator.startswith(f"{md5(data)}+{len(data)}+A")
-        # GET: a small block on the fast path, a large one through sendfile's fallback (no sendfile(2) into TLS)
+        # GET: a small block on the fast path, larger ones sent from the request's buffer (no sendfile(2) into TLS)
         assert https(srv, pki, "GET", f"/{locator}") == (200, data)
         assert https(srv, pki, "HEAD", f"/{locator}")[0] == 200
         assert https(srv, pki, "TOUCH", f"/{md5(data)}+{len(data)}", token=ROOT_TOKEN)[0] == 200
