@@ -76,10 +76,12 @@ class WriteResult:
 
 @dataclass
 class BlockData:
-    """A verified block: in the caller's buffer (``file`` None), or in an open local file to be sent from there."""
+    """A verified block: in the caller's buffer (``file`` None), or in an open local file to be sent from there,
+    and then in the buffer too if ``in_buffer`` (see Store.read's ``keep_max``)."""
 
     size: int
     file: LocalBlock | None = None
+    in_buffer: bool = True
 
     def close(self) -> None:
         if self.file is not None:
@@ -183,13 +185,15 @@ class Store:
         for mnt in self.rendezvous(hash, self.readable):
             try:
                 local = await mnt.volume.block_open(hash)
+                kept = local is None  # the block ends up in ``into``
                 if local is None:
                     size = await mnt.volume.block_read(hash, into)
                     digest = await md5_hex(into[:size])
                 else:
                     size = local.size
+                    kept = size <= keep_max and size <= len(into)  # (what LocalBlock.digest keeps)
                     try:
-                        digest = await local.digest(into, size <= keep_max)
+                        digest = await local.digest(into, kept)
                     except BaseException:
                         local.close()
                         raise
@@ -198,7 +202,7 @@ class Store:
             except KeepError as exc:
                 failure = failure or exc
                 continue
-            result = BlockData(size, local)
+            result = BlockData(size, local, kept)
             if digest != hash:
                 result.close()
                 corrupt = True

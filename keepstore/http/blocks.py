@@ -67,11 +67,10 @@ async def read(call: Call, match: re.Match[str]) -> Reply | None:
     buf = await svc.pool.acquire()
     block: BlockData | None = None
     try:
-        # (kept only if it fits: a larger block is sent with sendfile, or asyncio's copy of it over TLS)
-        keep_max = 0 if head else min(len(buf.view), BLOCK_SIZE) if encrypted else SMALL_BODY
+        keep_max = 0 if head else BLOCK_SIZE if encrypted else SMALL_BODY
         block = await svc.store.read(loc.hash, loc.size, buf.view, keep_max=keep_max)
         size = block.size
-        in_buffer = block.file is None or size <= keep_max
+        in_buffer = block.in_buffer  # (else: sent with sendfile, or asyncio's copy of the file over TLS)
         if in_buffer and not head and size <= SMALL_BODY:
             # One write for headers and body; the copy is cheaper than a second send.
             return Reply(200, bytes(buf.view[:size]), OCTETS)
