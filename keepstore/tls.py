@@ -1,10 +1,10 @@
 """Serving https: the server's TLS context, from the cluster's TLS.Certificate and TLS.Key, reloadable.
 
-As in Arvados (lib/service/tls.go), an ``https://`` InternalURL (or ListenURL) makes keepstore serve TLS with the
-key pair named by ``Clusters.<id>.TLS.Certificate`` and ``TLS.Key`` (``file://`` URLs or absolute paths), at
-TLS 1.2 or later with forward-secret AEAD suites only. SIGHUP loads the files again, and so does an hourly look
-at them (certificate renewal without a restart). A pair that fails to load at start-up is a config error naming
-the key; one that fails later is logged and the pair in use is kept.
+As in Arvados (lib/service/tls.go), an ``https://`` listen URL (the InternalURL's ListenURL, else the InternalURL)
+makes keepstore serve TLS with the key pair named by ``Clusters.<id>.TLS.Certificate`` and ``TLS.Key``
+(``file://`` URLs or absolute paths), at TLS 1.2 or later with forward-secret AEAD suites only. SIGHUP loads the
+files again, and so does an hourly look at them (certificate renewal without a restart). A pair that fails to load
+at start-up is a config error naming the key; one that fails later is logged and the pair in use is kept.
 
 A reload builds a new context and swaps it in: loading a pair into the context in use would add to what it
 holds (an RSA certificate stays offered beside a new ECDSA one) instead of replacing it. The swap happens in the
@@ -38,8 +38,8 @@ class ServerTLS:
     def __init__(self, config: Config) -> None:
         self._config = config
         self._stamp = _stamp(config)  # before the load: a change written meanwhile is seen next time
-        self._current = _load(config)  # ConfigError (naming the key) if the pair does not load
-        self.context = _load(config)
+        # The first pair is the listening context's own; a reload's is swapped in by _pick.
+        self._current = self.context = _load(config)  # ConfigError (naming the key) if the pair does not load
         self.context.sni_callback = self._pick
         _shrink_read_buffer()
 
