@@ -44,5 +44,7 @@ def _parse(spec: VolumeSpec) -> DirectoryParameters:
 
 
 def open_volume(spec: VolumeSpec, config: Config) -> Volume:
-    params = dataclasses.replace(_parse(spec), group_commit=config.group_commit, direct_writes=config.direct_writes)
+    params = dataclasses.replace(
+        _parse(spec), group_commit=config.group_commit, direct_writes=config.direct_writes, journal=config.journal
+    )
     return DirectoryVolume(spec, params)

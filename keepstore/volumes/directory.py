@@ -30,6 +30,7 @@ import ctypes
 import errno
 import fcntl
 import hashlib
+import logging
 import os
 import re
 import socket
@@ -45,9 +46,11 @@ from ..errors import BlockNotFound, KeepError, TooLarge, VolumeError, VolumeFull
 from ..hashing import PARALLEL_MIN, Checkpoints, Md5State, ShortRead, digest_segments, new_md5, segment_length
 from ..hashing import submit as hash_submit
 from ..locator import BLOCK_SIZE
+from . import journal
 from .base import BlockWriter, EmptyTrashStats, IndexEntry, LocalBlock, Volume, VolumeStats, VolumeUsage
 
 T = TypeVar("T")
+log = logging.getLogger("keepstore.volume")
 
 _HEX_DIR_RE = re.compile(r"[0-9a-f]+")
 _BLOCK_RE = re.compile(r"[0-9a-f]{32}")
@@ -116,19 +119,26 @@ _native_write_block: Callable[[str, str, str, memoryview, str, bytes | None, boo
 _birth_ns: Callable[[int], int | None] | None
 _native_append: Callable[[int, memoryview, bool], int] | None
 _GroupItem = tuple[str, str, str, bytes | memoryview, str, bytes | None]  # write_group's (see keepstore/_fileio.c)
-_native_write_group: Callable[[int, list[_GroupItem], bool], list[int | OSError | None]] | None
+_GroupResult = list[int | OSError | None]
+_native_write_group: Callable[[int, list[_GroupItem], bool], _GroupResult] | None
+# write_group with a journal (fd, offset, record headers): (results, errno of a failed journal write, or 0)
+_native_write_group_journal: (
+    Callable[[int, list[_GroupItem], bool, tuple[int, int, list[bytes]]], tuple[_GroupResult, int]] | None
+)
 try:
     from .._fileio import append as _native_append
     from .._fileio import birth_ns as _birth_ns
     from .._fileio import finish_block as _finish_block
     from .._fileio import write_block as _native_write_block
     from .._fileio import write_group as _native_write_group
+    from .._fileio import write_group as _native_write_group_journal
 except ImportError:  # pragma: no cover - built by every supported install path
     _finish_block = _finish_block_py
     _birth_ns = None
     _native_append = None
     _native_write_block = None
     _native_write_group = None
+    _native_write_group_journal = None
 
 # Blocks up to this size are written by group commit (see DirectoryVolume.block_write). For small blocks the
 # per-file flushes dominate and grouping halves the kernel's CPU per block; for 1 MiB blocks the data itself does,
@@ -156,6 +166,7 @@ class DirectoryParameters:
     serialize: bool = False
     group_commit: bool = False  # KeepstorePy.GroupCommit, and only where group_commit_supported()
     direct_writes: bool = False  # KeepstorePy.DirectWrites, and only with the native extension
+    journal: bool = False  # KeepstorePy.Journal: group commits through a write-ahead journal (see journal.py)
 
     @classmethod
     def parse(cls, params: Mapping[str, Any], key_path: str) -> DirectoryParameters:
@@ -209,15 +220,26 @@ class DirectoryVolume(Volume):
         if params.group_commit and not params.serialize and group_commit_supported():
             self._root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # what syncfs syncs
             self._group = BatchingThreadPool(self._write_group, GROUP_COMMIT_THREADS, f"commit-{spec.uuid[-5:]}")
+        self._use_journal = params.journal and self._group is not None and spec.allow_write
+        self._journal: journal.Journal | None = None
 
     @property
     def device_id(self) -> str:
         return self._device_id
 
+    async def start(self) -> None:
+        # Before any write: blocks a crashed process acknowledged through its journal are made durable (and
+        # repaired where a power cut left their files incomplete) whatever this process's own settings are.
+        self._journal = await self._run(self._start_journal)
+
     async def close(self) -> None:
-        await self._threads.shutdown()
         if self._group is not None:
             await self._group.shutdown()
+        if self._journal is not None:
+            await self._run(self._journal.close)  # checkpoints what is left: a syncfs
+            self._journal = None
+        await self._threads.shutdown()
+        if self._group is not None:
             os.close(self._root_fd)
             self._group, self._root_fd = None, -1
 
@@ -454,6 +476,70 @@ class DirectoryVolume(Volume):
         self._write(hash, data, checkpoints)
         return True
 
+    def _start_journal(self) -> journal.Journal | None:
+        if not os.path.isdir(f"{self.root}/{journal.DIRNAME}") and not self._use_journal:
+            return None
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # the checkpoints' syncfs (see Journal)
+        try:
+            stats, own = journal.recover(self.root, fd, self._repair, create=self._use_journal)
+        except (OSError, KeepError) as exc:
+            os.close(fd)
+            # The orphans stay for the next start; meanwhile every read is verified, and new writes do without.
+            log.error(
+                "journal recovery failed: blocks acknowledged before a crash may not be durable yet",
+                extra={"fields": {"volume": self.spec.uuid, "error": str(exc)}},
+            )
+            self.stats.error(type(exc).__name__)
+            return None
+        if stats.journals:
+            log.warning(
+                "recovered journals of processes that did not stop cleanly",
+                extra={
+                    "fields": {
+                        "volume": self.spec.uuid,
+                        "journals": stats.journals,
+                        "records": stats.records,
+                        "repaired": stats.repaired,
+                    }
+                },
+            )
+        if own is None:
+            os.close(fd)
+            return None
+        return journal.Journal(own, fd, self._rewrite, self._journal_error)
+
+    def _repair(self, hash: str, data: bytes) -> bool:
+        """Recovery: make a journal record's block durable unless its file is there with that content (or it was
+        trashed since); whether it was rewritten."""
+        path = self._path(hash)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            try:
+                names = os.listdir(self._dir(hash))
+            except FileNotFoundError:
+                names = []
+            if any(name.startswith(f"{hash}.trash.") for name in names):
+                return False
+        else:
+            try:
+                if os.fstat(fd).st_size == len(data) and os.pread(fd, len(data) + 1, 0) == data:
+                    return False
+            finally:
+                os.close(fd)
+        self._rewrite(hash, data)
+        return True
+
+    def _rewrite(self, hash: str, data: bytes) -> None:
+        self._write(hash, memoryview(data), None)  # temp, fsync, rename, fsync the directory
+
+    def _journal_error(self, what: str, exc: BaseException) -> None:
+        self.stats.error(f"journal_{what}")
+        log.error(
+            f"journal {what} failed; small writes go on without the journal",
+            extra={"fields": {"volume": self.spec.uuid, "error": str(exc)}},
+        )
+
     def _write_group(self, jobs: list[tuple[Any, ...]]) -> list[KeepError | bool | None]:
         """Write the blocks of ``jobs`` in one group commit; per job an error, or its result.
 
@@ -464,7 +550,7 @@ class DirectoryVolume(Volume):
         if self._is_full():
             # A full volume still takes PUTs of blocks it holds (the caller touches them): creates find them here.
             return [False if job[3] and os.path.isfile(self._path(job[0])) else VolumeFull() for job in jobs]
-        assert _native_write_group is not None  # group commit is enabled only with the extension
+        assert _native_write_group is not None and _native_write_group_journal is not None  # (only with the extension)
         items = []
         for hash, data, checkpoints, _ in jobs:
             directory = self._dir(hash)
@@ -473,10 +559,24 @@ class DirectoryVolume(Volume):
             items.append((directory, tmp, self._path(hash), data, CHECKPOINT_XATTR, xattr))
         # Every rename refuses to replace a block: block_create jobs need that, and for block_write ones (rare at
         # these sizes: a copy that failed to touch, a pull) the few that find a copy are rewritten one by one below.
-        results = _native_write_group(self._root_fd, items, True)
-        if any(isinstance(r, int) for r in results):  # (a group whose blocks were all there syncs nothing)
-            self.stats.op("syncfs")
-            self.stats.op("syncfs")
+        jnl, err = self._journal, 0
+        reservation = jnl.reserve(sum(journal.record_size(len(job[1])) for job in jobs)) if jnl else None
+        if jnl is not None and reservation is not None:
+            headers = [journal.record_header(reservation.generation, job[0], len(job[1])) for job in jobs]
+            try:
+                results, err = _native_write_group_journal(
+                    self._root_fd, items, True, (jnl.fd, reservation.offset, headers)
+                )
+            finally:
+                jnl.release(reservation)
+            if err:
+                jnl.failed(err)  # this group was committed the two-syncfs way; the journal takes no more
+            elif any(isinstance(r, int) for r in results):
+                self.stats.op("journal_fdatasync")
+        else:
+            results = _native_write_group(self._root_fd, items, True)
+        if any(isinstance(r, int) for r in results) and (reservation is None or err):
+            self.stats.op("syncfs", 2)  # (a group whose blocks were all there syncs nothing)
         out: list[KeepError | bool | None] = []
         for job, item, result in zip(jobs, items, results, strict=True):
             if_absent = job[3]

@@ -58,9 +58,12 @@ class VolumeFactory(ABC):
 class DirectoryFactory(VolumeFactory):
     name = "directory"
 
-    def __init__(self, tmp_path: Path, group_commit: bool = False, direct_writes: bool = False) -> None:
+    def __init__(
+        self, tmp_path: Path, group_commit: bool = False, direct_writes: bool = False, journal: bool = False
+    ) -> None:
         self.group_commit = group_commit
         self.direct_writes = direct_writes
+        self.journal = journal
         self.root = tmp_path / "directory-volume"
         self.root.mkdir()
         self.spec = VolumeSpec(
@@ -72,7 +75,7 @@ class DirectoryFactory(VolumeFactory):
 
     def new_volume(self) -> Volume:
         params = DirectoryParameters(
-            root=str(self.root), group_commit=self.group_commit, direct_writes=self.direct_writes
+            root=str(self.root), group_commit=self.group_commit, direct_writes=self.direct_writes, journal=self.journal
         )
         vol = DirectoryVolume(self.spec, params)
         assert vol.group_commit == self.group_commit, "group commit is not supported here (needs Linux 5.8+)"
@@ -87,9 +90,10 @@ class DirectoryFactory(VolumeFactory):
 
 
 # "directory": every write buffered and fsynced file by file (the path without the native extension, or with both
-# KeepstorePy keys off); "directory-direct": block data written with O_DIRECT; "directory-group-commit": what the
-# default configuration runs (small blocks by group commit, the rest with O_DIRECT).
-DRIVERS = ["directory", "directory-direct", "directory-group-commit"]
+# KeepstorePy keys off); "directory-direct": block data written with O_DIRECT; "directory-group-commit": small
+# blocks by group commit with two syncfs calls, the rest with O_DIRECT; "directory-journal": what the default
+# configuration runs (group commits through the write-ahead journal).
+DRIVERS = ["directory", "directory-direct", "directory-group-commit", "directory-journal"]
 
 
 def make_factory(driver: str, tmp_path: Path) -> VolumeFactory:
@@ -99,4 +103,6 @@ def make_factory(driver: str, tmp_path: Path) -> VolumeFactory:
         return DirectoryFactory(tmp_path, direct_writes=True)
     if driver == "directory-group-commit":
         return DirectoryFactory(tmp_path, group_commit=True, direct_writes=True)
+    if driver == "directory-journal":
+        return DirectoryFactory(tmp_path, group_commit=True, direct_writes=True, journal=True)
     raise AssertionError(f"unknown driver {driver}")

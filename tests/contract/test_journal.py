@@ -1,0 +1,246 @@
+"""The write-ahead journal of Directory-volume group commits (keepstore/volumes/journal.py): what a crash leaves
+and what the next start makes of it.
+
+A power cut is simulated by a writer process that dies without closing its volume (``os._exit``) and by then
+damaging the block files it wrote behind its back: truncated, emptied, overwritten or gone, which is what a machine
+that lost its page cache may show for files that were renamed into place but not yet synced. Recovery must bring
+back every block whose record was not yet retired by a checkpoint, and only those.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from keepstore.config import VolumeSpec
+from keepstore.volumes import journal
+from keepstore.volumes.directory import DirectoryParameters, DirectoryVolume, group_commit_supported
+
+UUID = "zzzzz-nyw5e-000000000000000"
+
+pytestmark = pytest.mark.skipif(not group_commit_supported(), reason="group commit needs Linux 5.8+ and the extension")
+
+
+def md5(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+def volume(root: Path) -> DirectoryVolume:
+    spec = VolumeSpec(uuid=UUID, driver="Directory", parameters={"Root": str(root)}, key_path="Volumes.x")
+    params = DirectoryParameters(root=str(root), group_commit=True, direct_writes=True, journal=True)
+    return DirectoryVolume(spec, params)
+
+
+def run(root: Path, body: Callable[[DirectoryVolume], Awaitable[None]]) -> DirectoryVolume:
+    vol = volume(root)
+
+    async def main() -> None:
+        await vol.start()
+        try:
+            await body(vol)
+        finally:
+            await vol.close()
+
+    asyncio.run(main())
+    return vol
+
+
+def crash_after_writing(root: Path, blocks: list[bytes], wait_checkpoint: bool = False) -> None:
+    """Write ``blocks`` (all acknowledged) in a child process that then dies without closing its volume."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            vol = volume(root)
+
+            async def main() -> None:
+                await vol.start()
+                assert vol._journal is not None
+                await asyncio.gather(*(vol.block_create(md5(b), memoryview(b)) for b in blocks))
+                if wait_checkpoint:
+                    start = vol._journal.checkpoints
+                    while vol._journal.checkpoints == start:
+                        await asyncio.sleep(0.05)
+
+            asyncio.run(main())
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def journals(root: Path) -> list[Path]:
+    return sorted((root / journal.DIRNAME).glob("*" + journal.SUFFIX))
+
+
+def block_path(root: Path, data: bytes) -> Path:
+    h = md5(data)
+    return root / h[:3] / h
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    r = tmp_path / "vol"
+    r.mkdir()
+    return r
+
+
+@pytest.fixture
+def no_checkpoints(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No checkpoint runs by time (only at close): what a crash right after the writes would find."""
+    monkeypatch.setattr(journal, "CHECKPOINT_INTERVAL", 3600.0)
+
+
+def damage(root: Path, blocks: list[bytes]) -> None:
+    """What a power cut can leave of files whose writeback had not happened: one of each kind of damage."""
+    block_path(root, blocks[0]).unlink()  # the rename reached the disk, or not even that
+    block_path(root, blocks[1]).write_bytes(b"")  # the inode did, its data not
+    with open(block_path(root, blocks[2]), "r+b") as f:
+        f.truncate(100)
+    with open(block_path(root, blocks[3]), "r+b") as f:
+        f.write(b"\0" * 512)  # stale blocks instead of the data
+
+
+def test_writes_go_through_the_journal_and_close_removes_it(root: Path) -> None:
+    blocks = [os.urandom(4096) + bytes([i]) for i in range(20)]
+
+    async def body(vol: DirectoryVolume) -> None:
+        assert vol._journal is not None
+        assert len(journals(root)) == 1
+        await asyncio.gather(*(vol.block_create(md5(b), memoryview(b)) for b in blocks))
+        assert vol.stats.ops.get("journal_fdatasync", 0) >= 1
+        assert "syncfs" not in vol.stats.ops  # no group took the two-syncfs way
+
+    run(root, body)
+    assert journals(root) == []  # a clean close checkpoints everything and removes the file
+    for b in blocks:
+        assert block_path(root, b).read_bytes() == b
+
+
+def test_recovery_repairs_every_block_a_power_cut_damaged(root: Path, no_checkpoints: None) -> None:
+    blocks = [os.urandom(5000) + bytes([i]) for i in range(12)]
+    crash_after_writing(root, blocks)
+    assert len(journals(root)) == 1  # the dead writer's journal, unlocked
+    damage(root, blocks)
+
+    async def body(vol: DirectoryVolume) -> None:
+        for b in blocks:
+            into = memoryview(bytearray(len(b) + 1))
+            n = await vol.block_read(md5(b), into)
+            assert bytes(into[:n]) == b
+
+    vol = run(root, body)
+    assert vol.stats.errors == {}
+    for b in blocks:
+        assert block_path(root, b).read_bytes() == b
+    assert journals(root) == []
+
+
+def test_recovery_leaves_blocks_trashed_since_and_reuses_the_orphan(root: Path, no_checkpoints: None) -> None:
+    blocks = [os.urandom(4096) + bytes([i]) for i in range(4)]
+    crash_after_writing(root, blocks)
+    [orphan] = journals(root)
+    inode = orphan.stat().st_ino
+    trashed = block_path(root, blocks[0])
+    trashed.rename(trashed.with_name(f"{trashed.name}.trash.{int(time.time()) + 3600}"))
+    block_path(root, blocks[1]).unlink()
+
+    async def body(vol: DirectoryVolume) -> None:
+        [own] = journals(root)
+        assert own != orphan and own.stat().st_ino == inode  # already written in full: taken over, not rewritten
+
+    run(root, body)
+    assert not trashed.exists()  # not brought back: the trash came after the write
+    for b in blocks[1:]:
+        assert block_path(root, b).read_bytes() == b
+
+
+def test_records_retired_by_a_checkpoint_are_not_replayed(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(journal, "CHECKPOINT_INTERVAL", 0.05)
+    blocks = [os.urandom(4096) + bytes([i]) for i in range(4)]
+    crash_after_writing(root, blocks, wait_checkpoint=True)
+    # After the checkpoint the files were on disk (its syncfs): damage now is not a crash's, and the journal
+    # no longer speaks for these blocks.
+    block_path(root, blocks[0]).unlink()
+    vol = run(root, lambda vol: asyncio.sleep(0))
+    assert not block_path(root, blocks[0]).exists()
+    assert vol.stats.errors == {}
+
+
+def test_a_live_writers_journal_is_left_alone(root: Path, no_checkpoints: None) -> None:
+    blocks = [os.urandom(4096) + bytes([i]) for i in range(3)]
+
+    async def body(first: DirectoryVolume) -> None:
+        await asyncio.gather(*(first.block_create(md5(b), memoryview(b)) for b in blocks))
+        [mine] = journals(root)
+        before = mine.read_bytes()
+        second = volume(root)  # another process on the same volume (flock conflicts between open files too)
+        await second.start()
+        try:
+            assert len(journals(root)) == 2
+            assert mine.read_bytes() == before
+        finally:
+            await second.close()
+
+    run(root, body)
+    assert journals(root) == []
+
+
+def test_torn_record_ends_the_scan(root: Path, no_checkpoints: None) -> None:
+    blocks = [os.urandom(4096) + bytes([i]) for i in range(3)]
+    crash_after_writing(root, blocks[:1])
+    [orphan] = journals(root)
+    fd = os.open(orphan, os.O_RDWR)
+    try:
+        assert [h for h, _ in journal.scan(fd)] == [md5(blocks[0])]
+        # Append two records by hand the way the native write does, then tear the first of them.
+        offset = journal.HEADER_SIZE + journal.record_size(len(blocks[0]))
+        generation = journal._read_half_generation(fd, 0)
+        assert generation is not None
+        for b in blocks[1:]:
+            os.pwrite(fd, journal.record_header(generation, md5(b), len(b)) + b, offset)
+            offset += journal.record_size(len(b))
+        assert [h for h, _ in journal.scan(fd)] == [md5(b) for b in blocks]
+        os.pwrite(fd, b"\xff", journal.HEADER_SIZE + journal.record_size(len(blocks[0])) + journal.REC_HEADER + 7)
+        assert [h for h, _ in journal.scan(fd)] == [md5(blocks[0])]
+    finally:
+        os.close(fd)
+
+
+def test_full_journal_falls_back_to_two_syncfs_and_loses_nothing(
+    root: Path, no_checkpoints: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(journal, "HALF_SIZE", journal.HEADER_SIZE + 4 * journal.record_size(4097))
+    release = threading.Event()
+    real_syncfs = journal._syncfs
+
+    def slow_syncfs(fd: int) -> None:
+        release.wait(30)  # the checkpoint of the first half is still running when the second fills
+        real_syncfs(fd)
+
+    monkeypatch.setattr(journal, "_syncfs", slow_syncfs)
+    blocks = [os.urandom(4096) + bytes([i]) for i in range(12)]
+
+    async def body(vol: DirectoryVolume) -> None:
+        try:
+            for b in blocks:  # one at a time: each its own group of one record
+                assert await vol.block_create(md5(b), memoryview(b))
+            jnl = vol._journal
+            assert jnl is not None and jnl.fallbacks >= 1  # (when the checkpoint switches halves is its own affair)
+            assert vol.stats.ops.get("syncfs") == 2 * jnl.fallbacks
+            assert vol.stats.ops.get("journal_fdatasync") == len(blocks) - jnl.fallbacks
+        finally:
+            release.set()
+
+    run(root, body)
+    for b in blocks:
+        assert block_path(root, b).read_bytes() == b
+    assert journals(root) == []
