@@ -509,8 +509,8 @@ class DirectoryVolume(Volume):
         return journal.Journal(own, fd, self._rewrite, self._journal_error)
 
     def _repair(self, hash: str, data: bytes) -> bool:
-        """Recovery: make a journal record's block durable unless its file is there with that content (or it was
-        trashed since); whether it was rewritten."""
+        """Recovery (see journal.recover): make a record's block durable, rewriting it unless its file holds the
+        record's data (or it was trashed since); whether it was rewritten."""
         path = self._path(hash)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -524,7 +524,12 @@ class DirectoryVolume(Volume):
         else:
             try:
                 if os.fstat(fd).st_size == len(data) and os.pread(fd, len(data) + 1, 0) == data:
-                    return False
+                    try:
+                        os.fsync(fd)
+                        _fsync_dir(self._dir(hash))
+                        return False
+                    except OSError:
+                        pass  # its writeback failed: written again below
             finally:
                 os.close(fd)
         self._rewrite(hash, data)
@@ -536,7 +541,7 @@ class DirectoryVolume(Volume):
     def _journal_error(self, what: str, exc: BaseException) -> None:
         self.stats.error(f"journal_{what}")
         log.error(
-            f"journal {what} failed; small writes go on without the journal",
+            f"journal {what} failed: {journal.CONSEQUENCES[what]}",
             extra={"fields": {"volume": self.spec.uuid, "error": str(exc)}},
         )
 

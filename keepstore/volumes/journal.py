@@ -134,9 +134,10 @@ def recover(
     """Recover the orphaned journals under ``root``; with ``create``, also return a journal file of this process's
     own (a descriptor, flock()ed and ready for Journal), else None.
 
-    ``repair(hash, data)`` makes the block durable from a record if its file is missing or differs (True if it
-    rewrote it). Raises OSError when recovery cannot finish (the orphans are then left for the next try): a process
-    must not serve writes from a volume whose acknowledged blocks it could not make durable.
+    ``repair(hash, data)`` makes a record's block durable: the file as it is where it holds the record's data
+    (an fsync, which reports a writeback error nobody has seen), else rewritten from the record; True if it was
+    rewritten. Raises OSError (or what ``repair`` raises) when recovery cannot finish; the orphans are then left
+    for the next start.
     """
     directory = f"{root}/{DIRNAME}"
     try:
@@ -144,53 +145,59 @@ def recover(
     except FileExistsError:
         pass
     dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    orphans: list[tuple[str, int]] = []
     try:
         fcntl.flock(dfd, fcntl.LOCK_EX)  # one recovering or creating process at a time per volume
         stats = RecoveryStats()
-        orphans: list[tuple[str, int]] = []
-        try:
-            for name in sorted(os.listdir(directory)):
-                if not name.endswith(SUFFIX):
-                    continue
-                path = f"{directory}/{name}"
-                try:
-                    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-                except FileNotFoundError:
-                    continue
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    os.close(fd)  # a live process's journal
-                    continue
-                orphans.append((path, fd))
-                stats.journals += 1
-                for hash, data in scan(fd):
-                    stats.records += 1
-                    if repair(hash, data):
-                        stats.repaired += 1
-            if orphans:
-                # The records' block files may still be in the page cache only (their writer was killed before its
-                # checkpoint): this makes them durable before the records go.
-                _syncfs(root_fd)
-            reuse = -1
-            for path, fd in orphans:
+        records: list[tuple[str, bytes]] = []
+        for name in sorted(os.listdir(directory)):
+            if not name.endswith(SUFFIX):
+                continue
+            path = f"{directory}/{name}"
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)  # a live process's journal
+                continue
+            orphans.append((path, fd))
+            records.extend(scan(fd))
+        stats.journals, stats.records = len(orphans), len(records)
+        if records:
+            # The records' block files may be in the page cache only (their writer was killed before its
+            # checkpoint): one syncfs writes them all back, so that the per-file fsyncs of repair find little left.
+            _syncfs(root_fd)
+        for hash, data in records:
+            if repair(hash, data):
+                stats.repaired += 1
+        reuse = -1
+        while orphans:
+            path, fd = orphans[-1]
+            try:
                 if create and reuse < 0 and os.fstat(fd).st_size == 2 * HALF_SIZE:
-                    reuse = fd  # already zero-filled and allocated: saves writing a new one
                     os.rename(path, _new_name(directory))
+                    reuse = fd  # already zero-filled and allocated: saves writing a new one
+                    orphans.pop()
                     continue
                 os.unlink(path)
-                os.close(fd)
-            orphans = []
-            own: int | None = None
-            if create:
-                own = reuse if reuse >= 0 else _create(directory)
-                _reset(own)
-            os.fsync(dfd)
-            return stats, own
-        finally:
-            for _, fd in orphans:
-                os.close(fd)
+            except FileNotFoundError:
+                pass  # its owner closed it cleanly (unlinked it) between our listing and our lock
+            orphans.pop()
+            os.close(fd)
+        own: int | None = None
+        if create:
+            own = reuse if reuse >= 0 else _create(directory)
+            _reset(own)
+        elif reuse >= 0:
+            os.close(reuse)
+        os.fsync(dfd)
+        return stats, own
     finally:
+        for _, fd in orphans:
+            os.close(fd)
         os.close(dfd)
 
 
@@ -221,6 +228,14 @@ def _reset(fd: int) -> None:
         old = _read_half_generation(fd, half * HALF_SIZE) or 0
         os.pwrite(fd, _half_header(old + 1), half * HALF_SIZE)
     os.fsync(fd)
+
+
+# What each failure reported to ``on_error`` means for the service (the volume logs it).
+CONSEQUENCES = {
+    "write": "small writes go on with two syncfs calls per group, without the journal",
+    "syncfs": "the blocks of the records it would have retired were written again file by file",
+    "checkpoint": "its records are kept for the next start's recovery; small writes go on without the journal",
+}
 
 
 @dataclass
@@ -255,8 +270,9 @@ class Journal:
         self._offset = [HEADER_SIZE, HEADER_SIZE]  # next free byte of each half, relative to the half
         self._generation = [_read_half_generation(fd, 0) or 1, _read_half_generation(fd, HALF_SIZE) or 1]
         self._inflight = [0, 0]
+        self._dirty_since = [0.0, 0.0]  # when each half got its first record since its last checkpoint
+        self._draining: int | None = None  # the half whose last groups the checkpoint thread waits for
         self._active = 0
-        self._last_checkpoint = time.monotonic()
         self._broken = False
         self._stuck = [False, False]  # a half whose records could not be made durable otherwise: kept for recovery
         self._closing = False
@@ -273,22 +289,26 @@ class Journal:
             half = self._active
             if self._offset[half] + nbytes > HALF_SIZE:
                 other = 1 - half
-                self._cond.notify_all()
+                self._cond.notify()  # (the checkpoint thread is the only waiter)
                 if self._offset[other] != HEADER_SIZE:
                     self.fallbacks += 1
                     return None  # the other half is still being checkpointed
                 self._active = half = other
             offset = self._offset[half]
-            self._offset[half] += nbytes
+            if offset == HEADER_SIZE:
+                self._dirty_since[half] = time.monotonic()
+                self._cond.notify()  # its checkpoint is due in CHECKPOINT_INTERVAL
+            self._offset[half] = offset + nbytes
             self._inflight[half] += 1
-            if self._offset[half] > HALF_SIZE // 2:
-                self._cond.notify_all()
+            if offset <= HALF_SIZE // 2 < offset + nbytes:
+                self._cond.notify()  # half full: checkpoint early
             return Reservation(half, half * HALF_SIZE + offset, self._generation[half])
 
     def release(self, reservation: Reservation) -> None:
         with self._cond:
             self._inflight[reservation.half] -= 1
-            self._cond.notify_all()
+            if self._draining == reservation.half and not self._inflight[reservation.half]:
+                self._cond.notify()
 
     def failed(self, err: int) -> None:
         """A journal write or fdatasync failed (the group was committed without the journal): stop using it."""
@@ -301,7 +321,7 @@ class Journal:
         committing any more)."""
         with self._cond:
             self._closing = True
-            self._cond.notify_all()
+            self._cond.notify()
         self._thread.join()
         clean = all(off == HEADER_SIZE for off in self._offset)
         path = self._path()
@@ -317,29 +337,34 @@ class Journal:
             return None
         return None if target.endswith(" (deleted)") else target
 
-    def _due(self) -> int | None:
-        """The half to checkpoint now, if any (called holding the lock)."""
-        other = 1 - self._active
+    def _due(self) -> tuple[int | None, float | None]:
+        """(the half to checkpoint now, or None and how long to wait at most before asking again); called holding
+        the lock."""
+        other, active = 1 - self._active, self._active
         if self._offset[other] != HEADER_SIZE and not self._stuck[other]:
-            return other
-        active = self._active
+            return other, None
         if self._offset[active] == HEADER_SIZE or self._stuck[active] or self._offset[other] != HEADER_SIZE:
-            return None
-        late = time.monotonic() - self._last_checkpoint >= CHECKPOINT_INTERVAL
-        if late or self._closing or self._offset[active] > HALF_SIZE // 2:
+            return None, None  # nothing to do until a reservation says so
+        wait = self._dirty_since[active] + CHECKPOINT_INTERVAL - time.monotonic()
+        if wait <= 0 or self._closing or self._offset[active] > HALF_SIZE // 2:
             self._active = other  # new groups go to the other half (empty) from now on
-            return active
-        return None
+            return active, None
+        return None, wait
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                while (half := self._due()) is None:
+                while True:
+                    half, wait = self._due()
+                    if half is not None:
+                        break
                     if self._closing:
                         return
-                    self._cond.wait(CHECKPOINT_INTERVAL / 4)
+                    self._cond.wait(wait)
+                self._draining = half
                 while self._inflight[half]:
                     self._cond.wait()
+                self._draining = None
             try:
                 self._checkpoint(half)
             except Exception as exc:
@@ -364,6 +389,4 @@ class Journal:
         with self._cond:
             self._generation[half] = generation
             self._offset[half] = HEADER_SIZE
-            self._last_checkpoint = time.monotonic()
             self.checkpoints += 1
-            self._cond.notify_all()

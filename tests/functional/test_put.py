@@ -293,18 +293,25 @@ def test_big_put_goes_elsewhere_when_first_volume_full(server: KeepServer) -> No
     assert server.get(r.text.strip(), timeout=60).body == data
 
 
-@pytest.mark.parametrize("group_commit", [True, False])
-def test_small_blocks_are_group_committed_unless_turned_off(server_factory: ServerFactory, group_commit: bool) -> None:
-    srv = server_factory(volumes=1, extra={"KeepstorePy": {"GroupCommit": group_commit}})
+@pytest.mark.parametrize("mode", ["journal", "syncfs", "off"])
+def test_small_blocks_are_group_committed_unless_turned_off(server_factory: ServerFactory, mode: str) -> None:
+    # By default a group commit is made durable by the volume's journal (one fdatasync); with Journal off by two
+    # syncfs calls; with GroupCommit off file by file.
+    own = {"GroupCommit": mode != "off", "Journal": mode == "journal"}
+    srv = server_factory(volumes=1, extra={"KeepstorePy": own})
     blocks = [os.urandom(4096) for _ in range(4)]
     assert [srv.put(b).status for b in blocks] == [200] * 4
-    syncfs = re.findall(r'arvados_keepstore_volume_operations\{[^}]*operation="syncfs"[^}]*\} (\d+)', srv.metrics())
-    fsync_path = re.findall(r'operation="create"[^}]*\} (\d+)', srv.metrics())
+    metrics = srv.metrics()
+    syncfs = re.findall(r'arvados_keepstore_volume_operations\{[^}]*operation="syncfs"[^}]*\} (\d+)', metrics)
+    journal = re.findall(r'operation="journal_fdatasync"[^}]*\} (\d+)', metrics)
+    fsync_path = re.findall(r'operation="create"[^}]*\} (\d+)', metrics)
     assert fsync_path and int(fsync_path[0]) >= 4
-    if group_commit:
-        assert syncfs and 2 <= int(syncfs[0]) <= 8  # two syncfs calls per group of one or more blocks
+    if mode == "journal":
+        assert journal and 1 <= int(journal[0]) <= 4 and not syncfs
+    elif mode == "syncfs":
+        assert syncfs and 2 <= int(syncfs[0]) <= 8 and not journal  # two syncfs calls per group of one or more
     else:
-        assert not syncfs
+        assert not syncfs and not journal
     for b in blocks:
         assert srv.get(sign(f"{md5(b)}+{len(b)}")).body == b
 
@@ -327,7 +334,8 @@ def test_group_commit_falls_back_to_fsync_when_syncfs_fails(server_factory: Serv
         shims[name] = tmp_path / f"{name}.so"
         subprocess.run([cc, "-shared", "-fPIC", "-o", str(shims[name]), str(src)], check=True)
 
-    srv = server_factory(volumes=1, name="syncfs-fails", env={"LD_PRELOAD": str(shims["syncfs"])})
+    no_journal = {"KeepstorePy": {"Journal": False}}  # (the journal's own failures: the test below)
+    srv = server_factory(volumes=1, name="syncfs-fails", env={"LD_PRELOAD": str(shims["syncfs"])}, extra=no_journal)
     blocks = [os.urandom(4096) for _ in range(6)]
     assert [srv.put(b).status for b in blocks] == [200] * 6
     for b in blocks:
@@ -335,10 +343,57 @@ def test_group_commit_falls_back_to_fsync_when_syncfs_fails(server_factory: Serv
     assert not temp_files(srv.volume_root(0))
 
     # The contrast: when the fsyncs fail too, the disk really is failing: the PUT fails and nothing is left behind.
-    bad = server_factory(volumes=1, name="fsync-fails", env={"LD_PRELOAD": str(shims["all"])})
+    bad = server_factory(volumes=1, name="fsync-fails", env={"LD_PRELOAD": str(shims["all"])}, extra=no_journal)
     assert bad.put(b"y" * 4096).status == 503
     assert bad.index_hashes() == []
     assert not temp_files(bad.volume_root(0))
+
+
+def test_journal_failures_lose_no_block(server_factory: ServerFactory, tmp_path: Path) -> None:
+    # A journal whose fdatasync fails: the group is committed with two syncfs calls instead, and the journal is
+    # used no more. A checkpoint whose syncfs fails (some block file's writeback failed): its records' blocks are
+    # written again file by file, and the journal goes on.
+    import shutil
+    import subprocess
+
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        pytest.skip("needs a C compiler to build the shim (the C extensions need one too)")
+    failing = "#include <errno.h>\nint %s(int fd) { (void)fd; errno = EIO; return -1; }\n"
+    shims = {}
+    for call in ("fdatasync", "syncfs"):
+        src = tmp_path / f"{call}.c"
+        src.write_text(failing % call)
+        shims[call] = tmp_path / f"{call}.so"
+        subprocess.run([cc, "-shared", "-fPIC", "-o", str(shims[call]), str(src)], check=True)
+
+    def counter(srv: KeepServer, family: str, label: str) -> int:
+        found = re.findall(rf'{family}\{{[^}}]*"{label}"[^}}]*\}} (\d+)', srv.metrics())
+        return int(found[0]) if found else 0
+
+    ops, errors = "arvados_keepstore_volume_operations", "arvados_keepstore_volume_errors"
+    srv = server_factory(volumes=1, name="fdatasync-fails", env={"LD_PRELOAD": str(shims["fdatasync"])})
+    blocks = [os.urandom(4096) for _ in range(4)]
+    assert [srv.put(b).status for b in blocks] == [200] * 4
+    assert 1 <= counter(srv, errors, "journal_write") <= 2  # once per worker process that took a PUT (its journal)
+    assert counter(srv, ops, "journal_fdatasync") == 0 and counter(srv, ops, "syncfs") == 2 * 4
+    for b in blocks:
+        assert srv.get(sign(f"{md5(b)}+{len(b)}")).body == b
+
+    srv = server_factory(volumes=1, name="checkpoint-fails", env={"LD_PRELOAD": str(shims["syncfs"])})
+    assert [srv.put(b).status for b in blocks] == [200] * 4
+    deadline = time.monotonic() + 10
+    while counter(srv, errors, "journal_syncfs") == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)  # the checkpoint comes within a second
+    assert counter(srv, errors, "journal_syncfs") >= 1
+    rewritten = counter(srv, ops, "create")
+    assert rewritten >= 2 * 4  # each block once by the journal, once again by the checkpoint
+    later = os.urandom(4096)
+    assert srv.put(later).status == 200
+    assert counter(srv, ops, "journal_fdatasync") >= 2  # still in use
+    for b in [*blocks, later]:
+        assert srv.get(sign(f"{md5(b)}+{len(b)}")).body == b
+    assert not temp_files(srv.volume_root(0))
 
 
 @pytest.mark.parametrize("direct", [True, False])

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 from keeptest import KeepServer, ServerFactory, md5, request, sign, stored_files, temp_files
 
 WRITERS = 20
@@ -65,6 +67,17 @@ def test_sigkill_during_puts(server_factory: ServerFactory) -> None:
             r = srv.get(sign(f"{h}+{len(data)}"))
             assert r.status in (200, 404), (h, r.status)
             assert r.status == 404 or r.body == data
+
+    # The killed processes' journals were recovered at the restart: every journal file left is a live worker's
+    # (flock()ed).
+    for i in range(2):
+        for path in (srv.volume_root(i) / "journal").glob("*.jnl"):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                with pytest.raises(BlockingIOError):
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            finally:
+                os.close(fd)
 
     # Temp files left by the killed process are swept after the restart.
     deadline = time.monotonic() + 10
