@@ -5,14 +5,17 @@
     <Root>/<hash[0:3]>/<hash>.trash.<deadline>  a trashed block (deadline: Unix seconds)
     <Root>/full                                 symlink to a Unix time: "full since then" (trusted for an hour)
     <Root>/quarantine/<hash>.<unix ns>          keepstore-py only: a copy that failed verification
+    <Root>/journal/<pid>-<random>.jnl           keepstore-py only: a worker's write-ahead journal (journal.py)
 
-so a Go keepstore's volume directory is served by this driver and the reverse (Go ignores ``quarantine/``: its
-name is not hex).
+so a Go keepstore's volume directory is served by this driver and the reverse (Go ignores ``quarantine/`` and
+``journal/``: their names are not hex).
 
 Deliberate differences from the Go driver, all for durability or safety:
 
 * writes fsync the file before the rename and the directory after it (Go does neither); blocks up to 64 KiB are
-  committed in groups instead, with one syncfs(2) before the renames and one after (``KeepstorePy.GroupCommit``);
+  committed in groups instead (``KeepstorePy.GroupCommit``): appended to a write-ahead journal with one fdatasync,
+  then renamed into place and made durable in bulk by the journal's checkpoint (``KeepstorePy.Journal``, see
+  journal.py), or without the journal with one syncfs(2) before the renames and one after;
   larger ones are written with O_DIRECT where the file system allows it (``KeepstorePy.DirectWrites``, see
   keepstore/_fileio.c write_data), still fsynced before the rename;
 * the temp file is flock()ed while it is written, so the start-up sweep removes only temp files no live process
