@@ -58,8 +58,9 @@
  *
  * commits the group through a write-ahead journal instead (keepstore.volumes.journal): the data of every block to
  * be written, each after its 64-byte record header from ``headers`` (one bytes object per item) and padded to 64
- * bytes, is written to ``journal_fd`` at ``offset`` and made durable with one fdatasync; then the temp files are
- * written and renamed into place as above, with no syncfs. A block is thus visible only once its data is on disk
+ * bytes, is written to ``journal_fd`` at ``offset`` and made durable with one fdatasync (records are written for
+ * blocks already there too, so that the records stay contiguous; a group of such blocks only is not fdatasynced);
+ * then the temp files are written and renamed into place as above, with no syncfs. A block is thus visible only once its data is on disk
  * (in the journal: start-up recovery rewrites from it any block file a crash left incomplete), and durable when
  * the call returns; the block files themselves become durable at the journal's next checkpoint (a syncfs). One
  * sequential write and one flush take the place of the two syncfs calls, which write every new file's inode,
@@ -484,12 +485,15 @@ static int pwritev_all(int fd, struct iovec *iov, int iovcnt, off_t offset) {
 static int commit_journal(group_item *items, Py_ssize_t n, int if_absent, int jfd, off_t offset, Py_buffer *headers) {
     struct iovec *iov = calloc((size_t)n * 3 + 1, sizeof(struct iovec));
     if (!iov) return ENOMEM;
-    int cnt = 0;
+    int cnt = 0, fresh = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
-        if (if_absent && access(PyBytes_AS_STRING(items[i].final_b), F_OK) == 0) {
+        /* A block that is already there is not staged, but its record is written all the same: the caller
+         * reserved room for every item, and a gap in the journal would end a recovery scan there, hiding the
+         * records of every later group (a record of a stored block costs recovery a comparison, nothing more). */
+        if (if_absent && access(PyBytes_AS_STRING(items[i].final_b), F_OK) == 0)
             items[i].existed = 1;
-            continue;
-        }
+        else
+            fresh++;
         size_t len = (size_t)items[i].data.len, pad = (JOURNAL_ALIGN - len % JOURNAL_ALIGN) % JOURNAL_ALIGN;
         iov[cnt].iov_base = headers[i].buf;
         iov[cnt++].iov_len = (size_t)headers[i].len;
@@ -500,12 +504,10 @@ static int commit_journal(group_item *items, Py_ssize_t n, int if_absent, int jf
             iov[cnt++].iov_len = pad;
         }
     }
-    if (cnt == 0) {
-        free(iov);
-        return 0; /* every block was there: nothing to write, nothing to sync */
-    }
     int err = 0;
-    if (pwritev_all(jfd, iov, cnt, offset) != 0 || fdatasync(jfd) != 0) err = errno;
+    /* Every block there: its records need no fdatasync of their own (nothing is acknowledged on them), and the next
+     * group's fdatasync, which covers every dirty page of the file, makes them durable before anything after them. */
+    if (cnt > 0 && (pwritev_all(jfd, iov, cnt, offset) != 0 || (fresh && fdatasync(jfd) != 0))) err = errno;
     free(iov);
     if (err) {
         for (Py_ssize_t i = 0; i < n; i++) items[i].existed = 0;

@@ -14,8 +14,10 @@ index ignore it), two halves of HALF_SIZE bytes, each a 4 KiB header (magic, gen
 Records are appended to the active half; a checkpoint switches to the other half, waits for the groups still
 writing into the old one, syncfs-es, and then bumps the old half's generation in its header, which invalidates
 every record in it at once. A record is valid when its magic, generation (its half's current one) and CRC match
-and its data has the MD5 it names: a torn write fails one of these, and since a group is written only after the
-previous one's fdatasync returned, scanning stops at the first invalid record without losing an acknowledged one.
+and its data has the MD5 it names: a torn write fails one of these, and since groups are written one after the
+other, back to back (a record for every block of a group, stored ones too), and a group is acknowledged only after
+an fdatasync that covers every record before it, scanning stops at the first invalid record without losing an
+acknowledged one.
 
 Invariants:
 * a block file renamed by a group commit through the journal has a valid record in some journal file until a
@@ -188,12 +190,19 @@ def recover(
             orphans.pop()
             os.close(fd)
         own: int | None = None
-        if create:
-            own = reuse if reuse >= 0 else _create(directory)
-            _reset(own)
-        elif reuse >= 0:
+        try:
+            if create:
+                own, reuse = (reuse if reuse >= 0 else _create(directory)), -1
+                _reset(own)
+            os.fsync(dfd)
+        except BaseException:
+            # (a renamed orphan left behind is unlocked once closed: the next start recovers it again, harmlessly)
+            for leftover in (own, reuse):
+                if leftover is not None and leftover >= 0:
+                    os.close(leftover)
+            raise
+        if reuse >= 0:
             os.close(reuse)
-        os.fsync(dfd)
         return stats, own
     finally:
         for _, fd in orphans:
@@ -223,10 +232,15 @@ def _create(directory: str) -> int:
 
 
 def _reset(fd: int) -> None:
-    """Invalidate every record in both halves: new generations in both headers, durable."""
+    """Invalidate every record in both halves: new generations in both headers, durable.
+
+    A new generation is never below the clock in nanoseconds: a checkpoint adds one, so a half's generations grow
+    far slower than the clock and one chosen now is above every one this file held, even where a torn header
+    left nothing to count on (restarting at 1 would make a first life's records valid again)."""
+    floor = time.time_ns()
     for half in (0, 1):
         old = _read_half_generation(fd, half * HALF_SIZE) or 0
-        os.pwrite(fd, _half_header(old + 1), half * HALF_SIZE)
+        os.pwrite(fd, _half_header(max(old + 1, floor + half)), half * HALF_SIZE)
     os.fsync(fd)
 
 
@@ -275,6 +289,10 @@ class Journal:
         self._active = 0
         self._broken = False
         self._stuck = [False, False]  # a half whose records could not be made durable otherwise: kept for recovery
+        # A half whose next checkpoint rewrites its blocks whatever its syncfs says: a syncfs error reported to the
+        # other half's checkpoint may have hit one of this half's files (syncfs reports each error once, for every
+        # file of the file system), and its own syncfs would then succeed.
+        self._suspect = [False, False]
         self._closing = False
         self.checkpoints = 0
         self.fallbacks = 0  # groups committed the two-syncfs way because neither half had room
@@ -329,6 +347,7 @@ class Journal:
             # Unlinked before the lock goes with the descriptor: a recovering process never sees it unlocked.
             os.unlink(path)
         os.close(self.fd)
+        os.close(self._sync_fd)  # (the journal owns it from its construction)
 
     def _path(self) -> str | None:
         try:
@@ -374,15 +393,20 @@ class Journal:
                 self._on_error("checkpoint", exc)
 
     def _checkpoint(self, half: int) -> None:
+        rewrite = self._suspect[half]
         try:
             _syncfs(self._sync_fd)
         except OSError as exc:
             # Some file's writeback failed since the last checkpoint; which one, syncfs does not say, and a retry
             # would succeed (the error is reported once). So every block of this half is written again the
-            # file-by-file way, whose fsync reports an error on the block it hits, before its records may go.
+            # file-by-file way, whose fsync reports an error on the block it hits, before its records may go; and
+            # so are the other half's at its next checkpoint (the failed file may be one of them).
             self._on_error("syncfs", exc)
+            rewrite = self._suspect[1 - half] = True
+        if rewrite:
             for hash, data in scan_half(self.fd, half):
                 self._rewrite(hash, data)
+            self._suspect[half] = False
         generation = self._generation[half] + 1
         os.pwrite(self.fd, _half_header(generation), half * HALF_SIZE)
         os.fdatasync(self.fd)
