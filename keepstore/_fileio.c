@@ -536,6 +536,10 @@ static PyObject *write_group(PyObject *module, PyObject *args) {
     if (!PyArg_ParseTuple(args, "iO!|pO", &root_fd, &PyList_Type, &list, &if_absent, &journal)) return NULL;
     Py_ssize_t n = PyList_GET_SIZE(list);
     if (journal != Py_None) {
+        if (!PyTuple_Check(journal)) {
+            PyErr_SetString(PyExc_TypeError, "journal: a (fd, offset, headers) tuple");
+            return NULL;
+        }
         if (!PyArg_ParseTuple(journal, "iLO!", &jfd, &joffset, &PyList_Type, &jheaders)) return NULL;
         if (PyList_GET_SIZE(jheaders) != n) {
             PyErr_SetString(PyExc_ValueError, "one journal header per item");
@@ -552,8 +556,14 @@ static PyObject *write_group(PyObject *module, PyObject *args) {
     PyObject *result = NULL;
     Py_ssize_t ready = 0, nheaders = 0;
     if (jheaders) {
-        for (; nheaders < n; nheaders++)
+        for (; nheaders < n; nheaders++) {
             if (PyObject_GetBuffer(PyList_GET_ITEM(jheaders, nheaders), &headers[nheaders], PyBUF_SIMPLE) < 0) goto done;
+            if (headers[nheaders].len != JOURNAL_ALIGN) { /* the record layout the recovery scan reads */
+                PyBuffer_Release(&headers[nheaders]);
+                PyErr_SetString(PyExc_ValueError, "journal record headers are 64 bytes");
+                goto done;
+            }
+        }
     }
     for (; ready < n; ready++) {
         group_item *it = &items[ready];
