@@ -316,23 +316,29 @@ def test_small_blocks_are_group_committed_unless_turned_off(server_factory: Serv
         assert srv.get(sign(f"{md5(b)}+{len(b)}")).body == b
 
 
-def test_group_commit_falls_back_to_fsync_when_syncfs_fails(server_factory: ServerFactory, tmp_path: Path) -> None:
-    # A syncfs(2) that reports an error (a writeback failure somewhere on the file system) must not fail blocks that
-    # are fine: the group's files are fsynced one by one, then its directories. An LD_PRELOAD shim makes every
-    # syncfs fail with EIO, so both fallbacks run; the blocks must still be stored and readable.
+def failing_shims(tmp_path: Path, shims: dict[str, list[str]]) -> dict[str, Path]:
+    """LD_PRELOAD libraries, one per name, in which each listed system call fails with EIO."""
     import shutil
     import subprocess
 
     cc = shutil.which("gcc") or shutil.which("cc")
     if cc is None:
-        pytest.skip("needs a C compiler to build the syncfs shim (the C extensions need one too)")
+        pytest.skip("needs a C compiler to build the shims (the C extensions need one too)")
     failing = "#include <errno.h>\nint %s(int fd) { (void)fd; errno = EIO; return -1; }\n"
-    shims = {}
-    for name, calls in (("syncfs", ["syncfs"]), ("all", ["syncfs", "fsync"])):
+    built = {}
+    for name, calls in shims.items():
         src = tmp_path / f"{name}.c"
         src.write_text("".join(failing % call for call in calls))
-        shims[name] = tmp_path / f"{name}.so"
-        subprocess.run([cc, "-shared", "-fPIC", "-o", str(shims[name]), str(src)], check=True)
+        built[name] = tmp_path / f"{name}.so"
+        subprocess.run([cc, "-shared", "-fPIC", "-o", str(built[name]), str(src)], check=True)
+    return built
+
+
+def test_group_commit_falls_back_to_fsync_when_syncfs_fails(server_factory: ServerFactory, tmp_path: Path) -> None:
+    # A syncfs(2) that reports an error (a writeback failure somewhere on the file system) must not fail blocks that
+    # are fine: the group's files are fsynced one by one, then its directories. An LD_PRELOAD shim makes every
+    # syncfs fail with EIO, so both fallbacks run; the blocks must still be stored and readable.
+    shims = failing_shims(tmp_path, {"syncfs": ["syncfs"], "all": ["syncfs", "fsync"]})
 
     no_journal = {"KeepstorePy": {"Journal": False}}  # (the journal's own failures: the test below)
     srv = server_factory(volumes=1, name="syncfs-fails", env={"LD_PRELOAD": str(shims["syncfs"])}, extra=no_journal)
@@ -353,19 +359,7 @@ def test_journal_failures_lose_no_block(server_factory: ServerFactory, tmp_path:
     # A journal whose fdatasync fails: the group is committed with two syncfs calls instead, and the journal is
     # used no more. A checkpoint whose syncfs fails (some block file's writeback failed): its records' blocks are
     # written again file by file, and the journal goes on.
-    import shutil
-    import subprocess
-
-    cc = shutil.which("gcc") or shutil.which("cc")
-    if cc is None:
-        pytest.skip("needs a C compiler to build the shim (the C extensions need one too)")
-    failing = "#include <errno.h>\nint %s(int fd) { (void)fd; errno = EIO; return -1; }\n"
-    shims = {}
-    for call in ("fdatasync", "syncfs"):
-        src = tmp_path / f"{call}.c"
-        src.write_text(failing % call)
-        shims[call] = tmp_path / f"{call}.so"
-        subprocess.run([cc, "-shared", "-fPIC", "-o", str(shims[call]), str(src)], check=True)
+    shims = failing_shims(tmp_path, {"fdatasync": ["fdatasync"], "syncfs": ["syncfs"]})
 
     def counter(srv: KeepServer, family: str, label: str) -> int:
         found = re.findall(rf'{family}\{{[^}}]*"{label}"[^}}]*\}} (\d+)', srv.metrics())
