@@ -151,9 +151,9 @@ GROUP_COMMIT_MAX = 64 * 1024
 # for two flushes where one would cover both. Each group is also half the size: at 8 connections the groups were
 # 1.5 blocks on average. 4 KiB PUTs at c=8, four interleaved runs each way: 1.5-1.9k req/s with one thread against
 # 1.3-1.6k with two, at 690-790 against 840-970 us of CPU per PUT.
-# The journal relies on it too: a group's records are written only after the
-# previous group's fdatasync returned, so a recovery scan that stops at the first invalid record (a torn write)
-# never stops short of an acknowledged one.
+# The journal relies on it too: groups write their records one after the other, each only once the previous
+# group's call returned, so a recovery scan that stops at the first invalid record (a torn write) never stops
+# short of an acknowledged one.
 GROUP_COMMIT_THREADS = 1
 
 
