@@ -189,7 +189,9 @@ def test_pull_touches_existing_copy(pair: tuple[KeepServer, KeepServer]) -> None
     unreachable = f"http://127.0.0.1:{free_port()}"
     assert put_list(dst, "pull", [pull_item(data, unreachable, mount=vol_uuid(n))]).status == 200
     wait_for(lambda: index_mtime(dst, md5(data), n) > old, what="touched copy")
-    assert 'arvados_keepstore_pull_results{outcome="already_present"} 1' in dst.metrics()
+    # The worker counts the outcome just after the touch it waited for: a moment later than the index shows it.
+    outcome = 'arvados_keepstore_pull_results{outcome="already_present"} 1'
+    wait_for(lambda: outcome in dst.metrics(), what="already_present counted")
 
 
 def test_new_pull_list_replaces_old(server_factory: ServerFactory) -> None:
