@@ -512,7 +512,12 @@ class DirectoryVolume(Volume):
         if own is None:
             os.close(fd)
             return None
-        return journal.Journal(own, fd, self._rewrite, self._journal_error)  # (which closes both descriptors)
+        try:
+            return journal.Journal(own, fd, self._rewrite_record, self._journal_error)  # (it closes both at close)
+        except BaseException:
+            os.close(own)  # (its unlocked file is an orphan: the next start recovers it)
+            os.close(fd)
+            raise
 
     def _repair(self, hash: str, data: bytes) -> bool:
         """Recovery (see journal.recover): make a record's block durable, rewriting it unless its file holds the
@@ -521,11 +526,7 @@ class DirectoryVolume(Volume):
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            try:
-                names = os.listdir(self._dir(hash))
-            except FileNotFoundError:
-                names = []
-            if any(name.startswith(f"{hash}.trash.") for name in names):
+            if self._trashed(hash):
                 return False
         else:
             try:
@@ -543,6 +544,20 @@ class DirectoryVolume(Volume):
 
     def _rewrite(self, hash: str, data: bytes) -> None:
         self._write(hash, memoryview(data), None)  # temp, fsync, rename, fsync the directory
+
+    def _rewrite_record(self, hash: str, data: bytes) -> None:
+        """The journal's checkpoint after a syncfs error: a record's block written again, unless it was trashed
+        since (its record outlives the trash, which must not be undone)."""
+        if os.path.exists(self._path(hash)) or not self._trashed(hash):
+            self._rewrite(hash, data)
+
+    def _trashed(self, hash: str) -> bool:
+        """Whether a trashed copy of the block is there."""
+        try:
+            names = os.listdir(self._dir(hash))
+        except FileNotFoundError:
+            return False
+        return any(name.startswith(f"{hash}.trash.") for name in names)
 
     def _journal_error(self, what: str, exc: BaseException) -> None:
         self.stats.error(f"journal_{what}")
@@ -578,6 +593,9 @@ class DirectoryVolume(Volume):
                 results, err = _native_write_group_journal(
                     self._root_fd, items, True, (jnl.fd, reservation.offset, headers)
                 )
+            except BaseException:
+                jnl.failed(errno.EIO)  # nothing written where it had reserved: records after it would be lost
+                raise
             finally:
                 jnl.release(reservation)
             if err:

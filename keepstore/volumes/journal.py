@@ -329,7 +329,9 @@ class Journal:
                 self._cond.notify()
 
     def failed(self, err: int) -> None:
-        """A journal write or fdatasync failed (the group was committed without the journal): stop using it."""
+        """A journal write or fdatasync failed (the group was committed without the journal), or a group that had
+        a reservation wrote nothing into it (its bytes stay a gap, which would end a recovery scan there): stop
+        using it."""
         with self._cond:
             self._broken = True
         self._on_error("write", OSError(err, os.strerror(err)))
@@ -342,12 +344,14 @@ class Journal:
             self._cond.notify()
         self._thread.join()
         clean = all(off == HEADER_SIZE for off in self._offset)
-        path = self._path()
-        if clean and path is not None:
-            # Unlinked before the lock goes with the descriptor: a recovering process never sees it unlocked.
-            os.unlink(path)
-        os.close(self.fd)
-        os.close(self._sync_fd)  # (the journal owns it from its construction)
+        try:
+            path = self._path()
+            if clean and path is not None:
+                # Unlinked before the lock goes with the descriptor: a recovering process never sees it unlocked.
+                os.unlink(path)
+        finally:
+            os.close(self.fd)
+            os.close(self._sync_fd)  # (the journal owns it from its construction)
 
     def _path(self) -> str | None:
         try:
