@@ -13,14 +13,19 @@
  *                              a few KiB); hexdigest() / digest() read it without finishing it; copy().
  *   update_many(states, bufs)  state[i].update(bufs[i]) for all i at once, eight lanes at a time, GIL released.
  *   simd_lanes()               8 when the CPU has AVX2 (update_many uses it), else 1 (update_many loops).
+ *   digest_file(fd, size, interval, chains, scratch, keep)
+ *                              a stored block's MD5 from its checkpoints (see digest_file below), read and hashed
+ *                              in one call without the GIL.
  *
  * A state must not be used by two threads at once; update_many holds no reference to a buffer after it returns.
  */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <errno.h>
 #include <stdint.h>
 #include <string.h>
+#include <unistd.h>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -562,6 +567,117 @@ done:
     return result;
 }
 
+/* ---- a stored block's digest from its checkpoints ------------------------------------------------------------- */
+
+#define FILE_SEGMENTS_MAX 64
+/* Bytes of each segment read per round: eight of them (256 KiB) fit in the L2 cache of the CPUs seen here, so MD5
+ * reads what pread has just written there rather than memory. 1 MiB GETs at 8 connections, four interleaved runs
+ * on an AMD EPYC: 1,071-1,194 req/s with 32 KiB against 948-1,091 with 128 KiB, 32 KiB ahead in every round. */
+#define FILE_STRIPE (32 * 1024)
+
+/* digest_file(fd, size, interval, chains, scratch, keep) -> 16-byte digest or None
+ *
+ * The block of ``size`` bytes in ``fd`` hashed as keepstore/hashing.py's digest_segments does it (segment i starts
+ * from checkpoint i, all segments advance together in the vector lanes), in one call with the GIL released: no
+ * hash-engine thread, no futures, no Python per stripe. Returns the MD5 of the block when every segment ends on the
+ * next checkpoint, None when one does not (a stale hint or corrupt data: the caller hashes from the start) or when
+ * ``scratch`` has no room for a round of stripes. With ``keep`` every byte is read to its own offset in ``scratch``
+ * (which must hold ``size`` bytes), which then holds the block. Raises OSError on a read error and EOFError when the
+ * file is shorter than ``size``. */
+static PyObject *digest_file(PyObject *module, PyObject *args) {
+    int fd, keep;
+    unsigned long long size, interval;
+    Py_buffer chains, scratch;
+    if (!PyArg_ParseTuple(args, "iKKy*w*p", &fd, &size, &interval, &chains, &scratch, &keep)) return NULL;
+    PyObject *result = NULL;
+    size_t n = (size_t)chains.len / 16 + 1;
+    if (chains.len % 16 || interval == 0 || interval % 64 || interval > UINT32_MAX || n > FILE_SEGMENTS_MAX ||
+        (unsigned long long)(n - 1) * interval >= size || (unsigned long long)n * interval < size) {
+        PyErr_SetString(PyExc_ValueError, "chains, interval and size do not describe a checkpointed block");
+        goto done;
+    }
+    if (keep && (unsigned long long)scratch.len < size) {
+        PyErr_SetString(PyExc_ValueError, "scratch is smaller than the block");
+        goto done;
+    }
+    size_t stripe = interval < FILE_STRIPE ? (size_t)interval : FILE_STRIPE;
+    if (!keep) {
+        size_t room = (size_t)scratch.len / n / 64 * 64;
+        if (room < stripe) stripe = room;
+        if (stripe == 0) {
+            result = Py_None;
+            Py_INCREF(result);
+            goto done;
+        }
+    }
+    md5_ctx ctx[FILE_SEGMENTS_MAX];
+    lane_job jobs[FILE_SEGMENTS_MAX];
+    for (size_t i = 0; i < n; i++) {
+        md5_init(&ctx[i]);
+        if (i) {
+            memcpy(ctx[i].h, (const uint8_t *)chains.buf + 16 * (i - 1), 16);
+            ctx[i].length = ctx[i].compressed = (uint64_t)i * interval;
+        }
+    }
+    uint8_t *buf = scratch.buf;
+    int err = 0, short_read = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (unsigned long long offset = 0; offset < interval && !err && !short_read; offset += stripe) {
+        size_t count = 0;
+        for (size_t i = 0; i < n; i++) {
+            unsigned long long start = i * interval + offset;
+            unsigned long long end = (i + 1) * interval < size ? (i + 1) * interval : size;
+            if (start >= end) continue;
+            size_t len = end - start < stripe ? (size_t)(end - start) : stripe;
+            uint8_t *dst = keep ? buf + start : buf + i * stripe;
+            size_t got = 0;
+            while (got < len) {
+                ssize_t r = pread(fd, dst + got, len - got, (off_t)(start + got));
+                if (r < 0) {
+                    if (errno == EINTR) continue;
+                    err = errno;
+                    break;
+                }
+                if (r == 0) {
+                    short_read = 1;
+                    break;
+                }
+                got += (size_t)r;
+            }
+            if (err || short_read) break;
+            jobs[count].ctx = &ctx[i];
+            jobs[count].data = dst;
+            jobs[count].len = len;
+            count++;
+        }
+        if (!err && !short_read) update_jobs(jobs, count);
+    }
+    Py_END_ALLOW_THREADS
+    if (err) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto done;
+    }
+    if (short_read) {
+        PyErr_Format(PyExc_EOFError, "the file ends before %llu bytes", size);
+        goto done;
+    }
+    for (size_t i = 0; i + 1 < n; i++) {
+        if (ctx[i].tail_len || memcmp(ctx[i].h, (const uint8_t *)chains.buf + 16 * i, 16)) {
+            result = Py_None;
+            Py_INCREF(result);
+            goto done;
+        }
+    }
+    uint8_t out[16];
+    md5_final(&ctx[n - 1], out);
+    result = PyBytes_FromStringAndSize((const char *)out, 16);
+done:
+    PyBuffer_Release(&chains);
+    PyBuffer_Release(&scratch);
+    return result;
+}
+
 static PyObject *simd_lanes(PyObject *module, PyObject *unused) { return PyLong_FromLong(have_avx2 ? LANES : 1); }
 
 static PyObject *set_simd(PyObject *module, PyObject *arg) {
@@ -576,6 +692,8 @@ static PyObject *set_simd(PyObject *module, PyObject *arg) {
 
 static PyMethodDef module_methods[] = {
     {"update_many", update_many, METH_VARARGS, "update_many(states, buffers): states[i].update(buffers[i]) for all i."},
+    {"digest_file", digest_file, METH_VARARGS,
+     "digest_file(fd, size, interval, chains, scratch, keep): a checkpointed block's MD5, or None."},
     {"simd_lanes", simd_lanes, METH_NOARGS, "How many streams one instruction advances (8 with AVX2, else 1)."},
     {"set_simd", set_simd, METH_O, "Use the vector code if the CPU has it (True) or never (False)."},
     {NULL, NULL, 0, NULL},

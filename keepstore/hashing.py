@@ -187,6 +187,33 @@ def digest_segments(
     return states[-1].hexdigest()
 
 
+def digest_file(fd: int, size: int, checkpoints: Checkpoints, scratch: memoryview, keep: bool = False) -> str | None:
+    """Thread side: digest_segments over ``size`` bytes of the open file ``fd`` (same contract, same result).
+
+    With the vector code, one native call reads the stripes and hashes all segments in this thread, the GIL
+    released throughout: per 1 MiB GET that replaced ~60 Python-level steps, eight futures and two thread hand-offs
+    with one call (docs/benchmarks.md). Without it, the hash engine's threads do the hashing as before.
+    """
+    if SIMD_LANES > 1:
+        try:
+            keep = keep and len(scratch) >= size
+            digest = _md5mb.digest_file(fd, size, checkpoints.interval, checkpoints.chains, scratch, keep)
+        except EOFError as exc:
+            raise ShortRead(str(exc)) from None
+        return None if digest is None else digest.hex()
+
+    def read(window: memoryview, offset: int) -> int:
+        got = 0
+        while got < len(window):
+            n = os.preadv(fd, [window[got:]], offset + got)
+            if n == 0:
+                break
+            got += n
+        return got
+
+    return digest_segments(read, size, checkpoints, scratch, keep)
+
+
 class _Job:
     __slots__ = ("abandoned", "data", "future", "pos", "state")
 

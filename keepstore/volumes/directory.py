@@ -46,7 +46,7 @@ from typing import Any, TypeVar
 from ..aio import BatchingThreadPool, ThreadPool
 from ..config import ConfigError, VolumeSpec
 from ..errors import BlockNotFound, KeepError, TooLarge, VolumeError, VolumeFull
-from ..hashing import PARALLEL_MIN, Checkpoints, Md5State, ShortRead, digest_segments, new_md5, segment_length
+from ..hashing import PARALLEL_MIN, Checkpoints, Md5State, ShortRead, digest_file, new_md5, segment_length
 from ..hashing import submit as hash_submit
 from ..locator import BLOCK_SIZE
 from . import journal
@@ -1097,7 +1097,7 @@ class _LocalFile(LocalBlock):
         checkpoints = volume._get_checkpoints(self.fd, self.size)
         if checkpoints is not None:
             try:
-                digest = digest_segments(self._pread, self.size, checkpoints, scratch, keep)
+                digest = digest_file(self.fd, self.size, checkpoints, scratch, keep)
             except OSError as exc:
                 raise volume._fail("read", volume._path(self.hash), exc) from exc
             except ShortRead as exc:
@@ -1119,15 +1119,6 @@ class _LocalFile(LocalBlock):
             if found is not None:
                 volume._set_checkpoints(self.fd, found)
         return digest
-
-    def _pread(self, window: memoryview, offset: int) -> int:
-        got = 0
-        while got < len(window):
-            n = os.preadv(self.fd, [window[got:]], offset + got)
-            if n == 0:
-                break
-            got += n
-        return got
 
     def _digest_sequential(self, md5: Md5State, scratch: memoryview, keep: bool) -> str:
         """Read chunk by chunk, hashing each chunk (in the hash engine) while the next one is read."""

@@ -20,7 +20,7 @@ import pytest
 
 from keepstore.config import ConfigError, VolumeSpec
 from keepstore.errors import BlockNotFound, TooLarge, VolumeError, VolumeFull
-from keepstore.hashing import PARALLEL_MIN, Checkpoints, digest_segments, new_md5, segment_length
+from keepstore.hashing import PARALLEL_MIN, Checkpoints, digest_file, new_md5, segment_length
 from keepstore.locator import BLOCK_SIZE
 from keepstore.volumes import IndexEntry, directory
 from keepstore.volumes.directory import CHECKPOINT_XATTR, FULL_MARKER_TTL, DirectoryParameters, DirectoryVolume
@@ -767,16 +767,16 @@ def mismatches(vol: DirectoryVolume) -> int:
 
 @pytest.fixture
 def parallel(monkeypatch: pytest.MonkeyPatch) -> list[str | None]:
-    """What each parallel verification (digest_segments from checkpoints) returned, in order."""
+    """What each parallel verification (digest_file from checkpoints) returned, in order."""
     results: list[str | None] = []
-    real = digest_segments
+    real = digest_file
 
     def spy(*args: Any) -> str | None:
         result = real(*args)
         results.append(result)
         return result
 
-    monkeypatch.setattr(directory, "digest_segments", spy)
+    monkeypatch.setattr(directory, "digest_file", spy)
     return results
 
 

@@ -208,13 +208,15 @@ def test_pipelined_requests_keep_their_order(server: KeepServer) -> None:
 
 
 def test_request_behind_a_running_fast_read_waits_its_turn(server: KeepServer) -> None:
+    # The body goes out with sendfile(2) straight from the handler until the socket is full, and the rest through
+    # the event loop's sendfile: both parts, in order, and the count of bytes sent in the log covers both.
     big = os.urandom(48 << 20)  # more than the socket buffers hold: the response stalls until we read
     small = b"small block"
     big_loc = server.put(big).text.strip()
     small_loc = server.put(small).text.strip()
     c = Conn(server.port)
     try:
-        c.send(request("GET", f"/{big_loc}"))
+        c.send(request("GET", f"/{big_loc}", X_Request_Id="req-stalled"))
         time.sleep(0.5)  # the big response is under way and stalls on our full receive buffer
         c.send(request("GET", f"/{small_loc}") + request("GET", "/mounts", token=ROOT_TOKEN))
         assert c.response()[::2] == (200, big)
@@ -223,6 +225,16 @@ def test_request_behind_a_running_fast_read_waits_its_turn(server: KeepServer) -
         assert status == 200 and body.startswith(b"[")
     finally:
         c.close()
+
+    def logged() -> list[tuple[object, object]]:
+        lines = server.log_lines()
+        return [
+            (x["respStatusCode"], x["respBytes"])
+            for x in lines
+            if x.get("RequestID") == "req-stalled" and x.get("msg") == "response"
+        ]
+
+    assert wait_for(logged, what="response line of the stalled read") == [(200, len(big))]
 
 
 def test_client_gone_mid_read_is_logged_and_harmless(server: KeepServer) -> None:

@@ -9,6 +9,7 @@ import hashlib
 import os
 import random
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +25,7 @@ from keepstore.hashing import (
     HashEngine,
     ShortRead,
     StreamHasher,
+    digest_file,
     digest_segments,
     hash_into,
     md5_hex,
@@ -275,6 +277,128 @@ def test_digest_segments_short_read(engine: HashEngine) -> None:
     for cut in (1, 64 * KiB, 600 * KiB):
         with pytest.raises(ShortRead):
             digest_segments(reader(data[:-cut]), len(data), found, scratch())
+
+
+# --- digest_file: the same from an open file (natively with the vector code, else through digest_segments) -------
+
+
+@pytest.fixture(params=["native", "engine"])
+def file_path(request: pytest.FixtureRequest, engine: HashEngine, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Which way digest_file goes: the native call (where the CPU has the vector code) or the engine's threads."""
+    if request.param == "native":
+        if hashing.SIMD_LANES == 1:
+            pytest.skip("this CPU has no AVX2: digest_file always takes the engine's way here")
+    else:
+        monkeypatch.setattr(hashing, "SIMD_LANES", 1)
+    return str(request.param)
+
+
+def stored(tmp_path: Path, data: bytes | bytearray) -> int:
+    """An open descriptor on a file holding ``data`` (closed when the test's tmp_path goes)."""
+    path = tmp_path / f"block{len(data)}-{md5(data)[:8]}"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    return fd
+
+
+@pytest.mark.parametrize(
+    "size,interval",
+    [
+        (1 * MiB, None),
+        (1 * MiB + 12345, None),
+        (PARALLEL_MIN, None),
+        (PARALLEL_MIN + 64 * KiB + 1, None),
+        (1 * MiB, 64 * KiB),  # 16 segments: more than the lanes
+        (1 * MiB - 1, 512 * KiB),
+        (64 * MiB, None),
+    ],
+)
+def test_digest_file(tmp_path: Path, file_path: str, size: int, interval: int | None) -> None:
+    data = random.Random(size).randbytes(size)
+    fd = stored(tmp_path, data)
+    try:
+        found = checkpoints_of(data, interval)
+        assert digest_file(fd, size, found, scratch()) == md5(data)
+        # a scratch with room for less than one 64-byte stripe per segment: None (the caller hashes from the start)
+        assert digest_file(fd, size, found, scratch(64 * found.segments - 1)) is None
+        # with keep and room for the block, the scratch holds it afterwards
+        buf = bytearray(size + 100)
+        assert digest_file(fd, size, found, memoryview(buf), keep=True) == md5(data)
+        assert buf[:size] == data
+        # with keep and no room for it: hashed as without keep
+        assert digest_file(fd, size, found, scratch(1 * MiB // 2), keep=True) == md5(data)
+    finally:
+        os.close(fd)
+
+
+def test_digest_file_with_a_tampered_checkpoint_or_byte(tmp_path: Path, file_path: str) -> None:
+    data = os.urandom(1 * MiB + 5000)
+    found = checkpoints_of(data)
+    fd = stored(tmp_path, data)
+    try:
+        for i in range(1, found.segments):
+            chains = bytearray(found.chains)
+            chains[16 * (i - 1) + 3] ^= 0x10
+            assert digest_file(fd, len(data), Checkpoints(found.interval, bytes(chains)), scratch()) is None, i
+    finally:
+        os.close(fd)
+    for pos in (0, found.interval - 1, found.interval, 5 * found.interval + 99, len(data) - 1):
+        bad = bytearray(data)
+        bad[pos] ^= 0x01
+        fd = stored(tmp_path, bad)
+        try:
+            result = digest_file(fd, len(data), found, scratch())
+        finally:
+            os.close(fd)
+        if pos < (found.segments - 1) * found.interval:
+            assert result is None, pos
+        else:
+            assert result == md5(bad) != md5(data), pos
+
+
+def test_digest_file_short_file_and_read_errors(tmp_path: Path, file_path: str) -> None:
+    data = os.urandom(1 * MiB)
+    found = checkpoints_of(data)
+    for cut in (1, 64 * KiB, 600 * KiB):
+        fd = stored(tmp_path, data[:-cut])
+        try:
+            with pytest.raises(ShortRead):
+                digest_file(fd, len(data), found, scratch())
+        finally:
+            os.close(fd)
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)  # read(2) of a directory: EISDIR
+    try:
+        with pytest.raises(IsADirectoryError):
+            digest_file(fd, len(data), found, scratch())
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError) as info:
+        digest_file(999_999, len(data), found, scratch())
+    assert info.value.errno == 9  # EBADF
+
+
+def test_digest_file_refuses_checkpoints_that_do_not_fit_the_size(tmp_path: Path) -> None:
+    """The native call checks what the Python side guarantees (Checkpoints.decode): a mismatch is a ValueError."""
+    if hashing.SIMD_LANES == 1:
+        pytest.skip("this CPU has no AVX2: the native call is not used here")
+    from keepstore import _md5mb
+
+    data = os.urandom(1 * MiB)
+    found = checkpoints_of(data)
+    fd = stored(tmp_path, data)
+    try:
+        for size, interval, chains in [
+            (len(data) + found.interval, found.interval, found.chains),  # more segments than checkpoints
+            (len(data), found.interval, found.chains[:-1]),  # not whole chaining values
+            (len(data), found.interval + 1, found.chains),  # not a multiple of 64
+            (len(data), 0, found.chains),
+        ]:
+            with pytest.raises(ValueError):
+                _md5mb.digest_file(fd, size, interval, chains, scratch(), False)
+        with pytest.raises(ValueError):
+            _md5mb.digest_file(fd, len(data), found.interval, found.chains, scratch(len(data) - 1), True)
+    finally:
+        os.close(fd)
 
 
 def test_digest_segments_waits_for_the_engine_before_raising(engine: HashEngine) -> None:
