@@ -187,6 +187,9 @@ def digest_segments(
     return states[-1].hexdigest()
 
 
+FILE_SEGMENTS_MAX = 64  # the most segments the native digest_file takes (keepstore/_md5mb.c); more go the engine's way
+
+
 def digest_file(fd: int, size: int, checkpoints: Checkpoints, scratch: memoryview, keep: bool = False) -> str | None:
     """Thread side: digest_segments over ``size`` bytes of the open file ``fd`` (same contract, same result).
 
@@ -194,7 +197,7 @@ def digest_file(fd: int, size: int, checkpoints: Checkpoints, scratch: memoryvie
     released throughout: per 1 MiB GET that replaced ~60 Python-level steps, eight futures and two thread hand-offs
     with one call (docs/benchmarks.md). Without it, the hash engine's threads do the hashing as before.
     """
-    if SIMD_LANES > 1:
+    if SIMD_LANES > 1 and checkpoints.segments <= FILE_SEGMENTS_MAX:
         try:
             keep = keep and len(scratch) >= size
             digest = _md5mb.digest_file(fd, size, checkpoints.interval, checkpoints.chains, scratch, keep)

@@ -212,22 +212,33 @@ class Call:
         if transport is None or transport.is_closing():
             raise ConnectionResetError("Connection lost")
         offset = 0
-        sock = transport.get_extra_info("socket")
-        if sock is not None and transport.get_write_buffer_size() == 0:
-            out = sock.fileno()
-            while offset < size:
-                try:
-                    n = os.sendfile(out, fd, offset, size - offset)
-                except (BlockingIOError, InterruptedError):
-                    break  # the socket is full: the event loop waits for room
-                if n == 0:
-                    self.sent += offset
-                    return  # the file ended early: the response comes up short, as the event loop's would
-                offset += n
-        if offset < size:
-            with open(fd, "rb", buffering=0, closefd=False) as f:
-                offset += await asyncio.get_running_loop().sendfile(transport, f, offset, size - offset)
-        self.sent += offset
+        try:
+            sock = transport.get_extra_info("socket")
+            # Never over TLS: there "socket" is the TCP socket under the encryption (the block handler sends TLS
+            # bodies from its buffer, so this is the second guard, not the only one).
+            if (
+                sock is not None
+                and transport.get_extra_info("sslcontext") is None
+                and not transport.get_write_buffer_size()
+            ):
+                out = sock.fileno()
+                while offset < size:
+                    try:
+                        n = os.sendfile(out, fd, offset, size - offset)
+                    except (BlockingIOError, InterruptedError):
+                        break  # the socket is full: the event loop waits for room
+                    except OSError as exc:
+                        if offset or isinstance(exc, ConnectionError):
+                            raise
+                        break  # sendfile(2) refused (a file system without it): the event loop's copies instead
+                    if n == 0:
+                        return  # the file ended early: the response comes up short, as the event loop's would
+                    offset += n
+            if offset < size:
+                with open(fd, "rb", buffering=0, closefd=False) as f:
+                    offset += await asyncio.get_running_loop().sendfile(transport, f, offset, size - offset)
+        finally:
+            self.sent += offset
 
     async def end(self) -> None:
         await self.exchange.end()

@@ -319,6 +319,8 @@ def test_digest_file(tmp_path: Path, file_path: str, size: int, interval: int | 
     try:
         found = checkpoints_of(data, interval)
         assert digest_file(fd, size, found, scratch()) == md5(data)
+        # room for 4 KiB of each segment per round only: more rounds, the same digest
+        assert digest_file(fd, size, found, scratch(found.segments * 4 * KiB)) == md5(data)
         # a scratch with room for less than one 64-byte stripe per segment: None (the caller hashes from the start)
         assert digest_file(fd, size, found, scratch(64 * found.segments - 1)) is None
         # with keep and room for the block, the scratch holds it afterwards
@@ -375,6 +377,24 @@ def test_digest_file_short_file_and_read_errors(tmp_path: Path, file_path: str) 
     with pytest.raises(OSError) as info:
         digest_file(999_999, len(data), found, scratch())
     assert info.value.errno == 9  # EBADF
+
+
+def test_digest_file_with_more_segments_than_the_native_call_takes(tmp_path: Path, file_path: str) -> None:
+    # Checkpoints are hints read from an xattr: one that splits a block into more segments than the native call
+    # takes (here 256 of 4 KiB) must still verify the block, not fail the read.
+    data = os.urandom(1 * MiB)
+    interval = 4 * KiB
+    state, chains = new_md5(), b""
+    for start in range(0, len(data) - interval, interval):
+        state.update(data[start : start + interval])
+        chains += state.chain()  # type: ignore[attr-defined]
+    many = Checkpoints(interval, chains)
+    assert many.segments == 256 > hashing.FILE_SEGMENTS_MAX
+    fd = stored(tmp_path, data)
+    try:
+        assert digest_file(fd, len(data), many, scratch()) == md5(data)
+    finally:
+        os.close(fd)
 
 
 def test_digest_file_refuses_checkpoints_that_do_not_fit_the_size(tmp_path: Path) -> None:
