@@ -28,7 +28,7 @@ from aiohttp import StreamReader, web
 from aiohttp.web_request import BaseRequest
 from multidict import CIMultiDictProxy
 
-from ..errors import BadRoute, ClientGone, KeepError, Overloaded
+from ..errors import BadRoute, ClientGone, KeepError, Overloaded, VolumeError
 from ..logs import log_request, log_response, new_request_id, redact, request_lines_enabled
 from .errors import status_of
 
@@ -206,7 +206,8 @@ class Call:
         the rest through the event loop's sendfile, which pauses reading, waits for the transport's buffer to
         drain and re-arms epoll around every call: 4 epoll_ctl and a dozen Python frames per GET that the
         direct call saves (docs/benchmarks.md). Writing to the socket beside the transport is safe only while the
-        transport holds nothing unsent, which is checked first.
+        transport holds nothing unsent, which is checked first. A file that ends before ``size`` raises VolumeError
+        (the caller then cuts the connection: the response promised ``size`` bytes).
         """
         transport = self.request.transport
         if transport is None or transport.is_closing():
@@ -232,16 +233,24 @@ class Call:
                             raise
                         break  # sendfile(2) refused (a file system without it): the event loop's copies instead
                     if n == 0:
-                        return  # the file ended early: the response comes up short, as the event loop's would
+                        raise _short_file(offset, size)
                     offset += n
             if offset < size:
                 with open(fd, "rb", buffering=0, closefd=False) as f:
                     offset += await asyncio.get_running_loop().sendfile(transport, f, offset, size - offset)
+                if offset < size:
+                    raise _short_file(offset, size)
         finally:
             self.sent += offset
 
     async def end(self) -> None:
         await self.exchange.end()
+
+
+def _short_file(sent: int, size: int) -> VolumeError:
+    # The response promised ``size`` bytes: the caller cuts the connection (serve) rather than leave the client
+    # waiting for the rest, or reading the next response as the end of this body.
+    return VolumeError(f"file ended after {sent} of {size} bytes while sending")
 
 
 class AiohttpExchange(Exchange):
