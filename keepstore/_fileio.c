@@ -15,10 +15,10 @@
  *   write_block(dir_path, tmp_path, final_path, data, xattr_name, xattr_value)
  *
  * is the whole write of a block that is in memory: create ``tmp_path`` (O_EXCL, mode 0600; the directory is
- * created if missing), flock it (a live writer's mark, see the start-up sweep), write ``data``, set the xattr if
- * ``xattr_value`` is not None (a hint: failures are ignored but reported), then finish_block. Removes the temp file
- * on any failure. Returns 0, or the errno of a failed setxattr. With ``direct`` true the data is written with
- * O_DIRECT where it can be (see write_data below).
+ * created if missing, and its parent fsynced), flock it (a live writer's mark, see the start-up sweep), write
+ * ``data``, set the xattr if ``xattr_value`` is not None (a hint: failures are ignored but reported), then
+ * finish_block. Removes the temp file on any failure. Returns 0, or the errno of a failed setxattr. With
+ * ``direct`` true the data is written with O_DIRECT where it can be (see write_data below).
  *
  *   append(fd, data, direct=False)
  *
@@ -90,6 +90,33 @@ typedef struct {
     int err;
     const char *path;
 } failure;
+
+/* Make a directory's own entry durable: fsync its parent. Called after every mkdir on the way to a block, EEXIST
+ * included (the thread that made the directory may not have synced the parent yet): the fsyncs of a block and of
+ * its directory do not cover the parent's entry, and without it a power cut can take away the directory and every
+ * block acknowledged inside it. A first write into each of a volume's directories pays for it, no other. */
+static int sync_parent(const char *dir_path) {
+    char parent[PATH_MAX];
+    const char *slash = strrchr(dir_path, '/');
+    size_t len = slash == NULL ? 0 : (size_t)(slash - dir_path);
+    if (slash == NULL) {
+        strcpy(parent, ".");
+    } else if (len == 0) {
+        strcpy(parent, "/");
+    } else if (len >= sizeof parent) {
+        errno = ENAMETOOLONG;
+        return -1;
+    } else {
+        memcpy(parent, dir_path, len);
+        parent[len] = '\0';
+    }
+    int dfd = open(parent, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd < 0) return -1;
+    int rc = fsync(dfd), err = errno;
+    close(dfd);
+    errno = err;
+    return rc;
+}
 
 static int commit(int fd, const char *dir_path, const char *tmp_path, const char *final_path, failure *f) {
     struct timespec now[2];
@@ -238,7 +265,7 @@ static int write_file(const char *dir_path, const char *tmp_path, const char *fi
                       failure *f) {
     int fd = open(tmp_path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
     if (fd < 0 && errno == ENOENT) {
-        if (mkdir(dir_path, 0755) != 0 && errno != EEXIST) {
+        if ((mkdir(dir_path, 0755) != 0 && errno != EEXIST) || sync_parent(dir_path) != 0) {
             f->err = errno;
             f->path = dir_path;
             return -1;
@@ -318,7 +345,7 @@ static int stage(group_item *it) {
     const char *dir_path = PyBytes_AS_STRING(it->dir_b), *tmp_path = PyBytes_AS_STRING(it->tmp_b);
     int fd = open(tmp_path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
     if (fd < 0 && errno == ENOENT) {
-        if (mkdir(dir_path, 0755) != 0 && errno != EEXIST) {
+        if ((mkdir(dir_path, 0755) != 0 && errno != EEXIST) || sync_parent(dir_path) != 0) {
             it->f.err = errno;
             it->f.path = dir_path;
             return -1;

@@ -670,6 +670,9 @@ class DirectoryVolume(Volume):
             except FileNotFoundError:
                 self.stats.op("mkdir")
                 os.makedirs(directory, mode=0o755, exist_ok=True)
+                # The new directory's entry, which no fsync of the block or of its directory covers (see
+                # sync_parent in keepstore/_fileio.c: the same step, for the same reason, EEXIST included).
+                _fsync_dir(self.root)
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise self._write_error(exc, directory) from exc

@@ -195,6 +195,10 @@ def recover(
                 own, reuse = (reuse if reuse >= 0 else _create(directory)), -1
                 _reset(own)
             os.fsync(dfd)
+            if create:
+                # The journal directory's own entry: without it a power cut could take the directory away, and
+                # with it the only durable copy of the blocks acknowledged through its records.
+                os.fsync(root_fd)
         except BaseException:
             # (a renamed orphan left behind is unlocked once closed: the next start recovers it again, harmlessly)
             for leftover in (own, reuse):

@@ -1,0 +1,167 @@
+"""Directories a volume creates are durable in their parent before anything acknowledged lives in them.
+
+A block's fsync and its directory's fsync do not cover the directory's own entry, which is in the parent: after a
+power cut the whole directory, with every block fsynced inside it, could be gone (to lost+found, or nowhere on a
+file system without a journal). So every mkdir on the way to a block (the <hash[0:3]>/ directories, by each write
+path: the native whole-block write, the streaming write, the group commit) and the journal's directory is followed
+by an fsync of the volume's root before the write returns. A power cut cannot be staged here; what the process asks
+of the kernel can: an LD_PRELOAD shim logs every mkdir and fsync (with the path of the descriptor) of a child process
+that writes through a real directory volume, and the child logs each acknowledgement in the same file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from keepstore.volumes.directory import group_commit_supported
+
+SHIM = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+static void note(const char *what, const char *path) {
+    const char *log = getenv("DIRS_LOG");
+    if (!log) return;
+    int fd = open(log, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
+    if (fd < 0) return;
+    dprintf(fd, "%s %s\n", what, path);
+    close(fd);
+}
+
+int mkdir(const char *path, mode_t mode) {
+    static int (*real)(const char *, mode_t);
+    if (!real) real = dlsym(RTLD_NEXT, "mkdir");
+    int rc = real(path, mode), err = errno;
+    if (rc == 0) note("mkdir", path);
+    errno = err;
+    return rc;
+}
+
+int fsync(int fd) {
+    static int (*real)(int);
+    if (!real) real = dlsym(RTLD_NEXT, "fsync");
+    char link[64], target[4096];
+    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    ssize_t n = readlink(link, target, sizeof target - 1);
+    target[n < 0 ? 0 : n] = '\0';
+    int rc = real(fd), err = errno;
+    if (rc == 0) note("fsync", target);
+    errno = err;
+    return rc;
+}
+"""
+
+CHILD = r"""
+import asyncio, hashlib, os, sys
+from keepstore.config import VolumeSpec
+from keepstore.volumes.directory import DirectoryParameters, DirectoryVolume
+
+root, log, mode = sys.argv[1], os.environ["DIRS_LOG"], sys.argv[2]
+spec = VolumeSpec(uuid="zzzzz-nyw5e-000000000000000", driver="Directory", parameters={"Root": root}, key_path="V")
+group = mode == "group"
+params = DirectoryParameters(root=root, group_commit=group, journal=group, direct_writes=True)
+
+def acked(what, data):
+    with open(log, "a") as f:
+        f.write(f"acked {what} {os.path.join(root, hashlib.md5(data).hexdigest()[:3])}\n")
+
+async def main():
+    vol = DirectoryVolume(spec, params)
+    await vol.start()
+    try:
+        if group:
+            assert vol.group_commit and vol._journal is not None, "no journal"
+            for i in range(3):
+                data = os.urandom(4096) + bytes([i])
+                await vol.block_create(hashlib.md5(data).hexdigest(), memoryview(data))
+                acked("journal", data)
+        else:
+            for i in range(3):
+                data = os.urandom(1 << 20) + bytes([i])
+                await vol.block_create(hashlib.md5(data).hexdigest(), memoryview(data))
+                acked("whole", data)
+            for i in range(3):
+                data = os.urandom(5 << 20) + bytes([i])
+                w = await vol.block_writer(hashlib.md5(data).hexdigest())
+                for at in range(0, len(data), 1 << 20):
+                    await w.write(memoryview(data)[at : at + (1 << 20)])
+                await w.commit()
+                acked("streamed", data)
+    finally:
+        await vol.close()
+
+asyncio.run(main())
+"""
+
+
+@pytest.fixture(scope="module")
+def shim(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        pytest.skip("needs a C compiler to build the shim (the C extensions need one too)")
+    d = tmp_path_factory.mktemp("dirs-shim")
+    (d / "shim.c").write_text(SHIM)
+    subprocess.run([cc, "-shared", "-fPIC", "-o", str(d / "shim.so"), str(d / "shim.c"), "-ldl"], check=True)
+    return d / "shim.so"
+
+
+def run_child(shim: Path, tmp_path: Path, mode: str) -> tuple[Path, list[tuple[str, ...]]]:
+    root = tmp_path / "vol"
+    root.mkdir()
+    log = tmp_path / "calls.log"
+    env = {**os.environ, "LD_PRELOAD": str(shim), "DIRS_LOG": str(log)}
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, str(root), mode], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    return root, [tuple(line.split(" ")) for line in log.read_text().splitlines()]
+
+
+def assert_parent_synced_before_ack(root: Path, calls: list[tuple[str, ...]]) -> list[str]:
+    """Every directory made under ``root`` has an fsync of ``root`` after its mkdir and before any acknowledgement
+    of a block in it; returns the kinds of write acknowledged."""
+    made: dict[str, int] = {}  # directory -> index of its mkdir
+    acks = []
+    for i, call in enumerate(calls):
+        if call[0] == "mkdir" and os.path.dirname(call[1]) == str(root):
+            made[call[1]] = i
+        elif call[0] == "acked":
+            acks.append(call[1])
+            directory = call[2]
+            assert directory in made, f"{directory} was not made by this process: {calls}"
+            synced = [j for j in range(made[directory], i) if calls[j] == ("fsync", str(root))]
+            assert synced, f"{directory} acknowledged before {root} was fsynced after its mkdir: {calls}"
+    return acks
+
+
+def test_whole_and_streamed_writes_sync_the_root_after_making_a_directory(shim: Path, tmp_path: Path) -> None:
+    root, calls = run_child(shim, tmp_path, "plain")
+    assert assert_parent_synced_before_ack(root, calls) == ["whole"] * 3 + ["streamed"] * 3
+    # The root is fsynced for new directories only, not once per block.
+    made = sum(1 for c in calls if c[0] == "mkdir" and os.path.dirname(c[1]) == str(root))
+    assert made == 6
+    assert sum(1 for c in calls if c == ("fsync", str(root))) == made
+
+
+@pytest.mark.skipif(not group_commit_supported(), reason="group commit needs Linux 5.8+ and the extension")
+def test_the_journal_directory_and_group_commit_directories_are_synced_in_the_root(
+    shim: Path, tmp_path: Path
+) -> None:
+    root, calls = run_child(shim, tmp_path, "group")
+    journal_dir = str(root / "journal")
+    at = calls.index(("mkdir", journal_dir))
+    first_ack = next(i for i, c in enumerate(calls) if c[0] == "acked")
+    assert ("fsync", str(root)) in calls[at:first_ack], calls
+    assert assert_parent_synced_before_ack(root, [c for c in calls if c[1] != journal_dir]) == ["journal"] * 3
