@@ -106,6 +106,7 @@ class Config:
     workers: int = 0  # worker processes; 0 = one per CPU (see keepstore.multiproc)
     group_commit: bool = True  # small Directory-volume writes share syncfs calls (see keepstore.volumes.directory)
     direct_writes: bool = True  # Directory-volume block data written with O_DIRECT (see keepstore.volumes.directory)
+    huge_page_buffers: bool = True  # block buffers in transparent huge pages (see keepstore.buffers)
     journal: bool = True  # group commits made durable through a write-ahead journal (see keepstore.volumes.journal)
     worker_stall_timeout: float = 60.0  # a worker whose event loop stops this long is restarted; 0 = never
     source: str = ""
@@ -217,6 +218,7 @@ _OWN_KEYS: dict[str, Any] = {
         "Workers": None,
         "GroupCommit": None,
         "DirectWrites": None,
+        "HugePageBuffers": None,
         "Journal": None,
         "WorkerStallTimeout": None,
     },
@@ -387,6 +389,7 @@ def from_document(doc: Any, source: str, env: Mapping[str, str]) -> Config:
         workers=own.integer("Workers", 0, minimum=0),
         group_commit=own.boolean("GroupCommit", True),
         direct_writes=own.boolean("DirectWrites", True),
+        huge_page_buffers=own.boolean("HugePageBuffers", True),
         journal=own.boolean("Journal", True),
         worker_stall_timeout=stall,
         source=source,

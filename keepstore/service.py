@@ -73,7 +73,7 @@ class Service:
         return cls(
             config=config,
             store=Store(config, mounts),
-            pool=BufferPool(config.max_keep_blob_buffers),
+            pool=BufferPool(config.max_keep_blob_buffers, huge_pages=config.huge_page_buffers),
             limiter=RequestLimiter(config.max_concurrent_requests, config.max_queued_requests),
             signer=signer,
         )

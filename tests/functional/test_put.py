@@ -19,6 +19,7 @@ from keeptest import (
     md5,
     page_cache_residency,
     page_cache_skip_reason,
+    process_tree,
     raw_exchange,
     sign,
     stored_files,
@@ -406,3 +407,32 @@ def test_direct_writes_unless_turned_off(server_factory: ServerFactory, direct: 
         resident = page_cache_residency(stored_files(srv.volume_root(0))[md5(b)])
         assert resident == 0.0 if direct else resident > 0.9
         assert srv.get(r.text.strip()).body == b
+
+
+def anon_huge_kib(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("AnonHugePages:"):
+                total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.parametrize("huge", [True, False])
+def test_block_buffers_in_huge_pages_unless_turned_off(server_factory: ServerFactory, huge: bool) -> None:
+    # KeepstorePy.HugePageBuffers reaches the buffer pool: a PUT's body lands in transparent huge pages (which the
+    # direct write then hands to the device in fewer, larger requests), or, turned off, in small pages only (nothing
+    # else in the process asks for huge pages: THP in "madvise" mode grants them only where asked).
+    mode = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not mode.exists() or "[never]" in mode.read_text():
+        pytest.skip("transparent huge pages are not available on this machine")
+    srv = server_factory(volumes=1, extra={"KeepstorePy": {"HugePageBuffers": huge, "Workers": 1}})
+    data = os.urandom(8 << 20)
+    r = srv.put(data)
+    assert r.status == 200
+    assert srv.get(r.text.strip()).body == data
+    kib = anon_huge_kib(process_tree(srv.pid))
+    if huge:
+        assert kib >= 2048
+    elif "[always]" not in mode.read_text():
+        assert kib == 0

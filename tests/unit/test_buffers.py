@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
@@ -262,5 +263,80 @@ def test_no_leak_under_mixed_load_with_cancellations() -> None:
         assert a is not b
         pool.release(a)
         pool.release(b)
+
+    asyncio.run(main())
+
+
+# --- huge pages and trimming (KeepstorePy.HugePageBuffers) --------------------------------------------------------
+
+
+def thp_skip_reason() -> str | None:
+    try:
+        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "this kernel has no transparent huge pages"
+    if "[never]" in mode:
+        return "transparent huge pages are turned off on this machine (enabled = never)"
+    return None
+
+
+def mapping_kib(buf: Buffer) -> dict[str, int]:
+    """The kernel's accounting (/proc/self/smaps) of the mapping that holds ``buf``: Rss, AnonHugePages, ... in KiB."""
+    import ctypes
+
+    anchor = ctypes.c_char.from_buffer(buf._mmap)
+    address = ctypes.addressof(anchor)
+    del anchor  # (an exported buffer would keep the mmap from closing)
+    fields: dict[str, int] = {}
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                start, end = (int(x, 16) for x in head.split("-"))
+                inside = start <= address < end
+            elif inside and line.split()[-1] == "kB":
+                fields[head.rstrip(":")] = int(line.split()[1])
+    assert fields, "mapping not found"
+    return fields
+
+
+def test_buffers_use_huge_pages_unless_turned_off() -> None:
+    reason = thp_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    huge, small = Buffer(BLOCK_SIZE, huge_pages=True), Buffer(BLOCK_SIZE, huge_pages=False)
+    for buf in (huge, small):
+        buf.view[:] = b"\x01" * BLOCK_SIZE  # every page touched, as by a 64 MiB PUT
+    # Huge pages are granted where free ones exist, which a machine with little free memory may lack for some.
+    assert mapping_kib(huge)["AnonHugePages"] >= BLOCK_SIZE // 2 // 1024
+    assert mapping_kib(small)["AnonHugePages"] == 0
+    assert bytes(huge.view[BLOCK_SIZE - 3 :]) == b"\x01" * 3
+
+
+@pytest.mark.parametrize("huge_pages", [True, False])
+def test_trim_keeps_the_start_resident_and_returns_the_rest(huge_pages: bool) -> None:
+    from keepstore.buffers import KEEP_RESIDENT
+
+    buf = Buffer(BLOCK_SIZE, huge_pages=huge_pages)
+    buf.view[:] = b"\x02" * BLOCK_SIZE
+    assert mapping_kib(buf)["Rss"] == BLOCK_SIZE // 1024
+    buf.trim()
+    assert buf.trimmed
+    kib = mapping_kib(buf)
+    assert kib["Rss"] == KEEP_RESIDENT // 1024  # the first huge page whole, not split, and nothing else
+    if huge_pages and thp_skip_reason() is None and kib["AnonHugePages"]:
+        assert kib["AnonHugePages"] == KEEP_RESIDENT // 1024
+    assert bytes(buf.view[:KEEP_RESIDENT]) == b"\x02" * KEEP_RESIDENT  # small blocks' part left as it was
+    assert bytes(buf.view[KEEP_RESIDENT : KEEP_RESIDENT + 4096]) == bytes(4096)  # the rest reads as zeros
+
+
+def test_pool_hands_out_buffers_as_configured() -> None:
+    async def main() -> None:
+        for huge_pages in (True, False):
+            pool = BufferPool(1, huge_pages=huge_pages)
+            async with pool.buffer() as buf:
+                buf.view[:] = b"\x03" * BLOCK_SIZE
+                assert (mapping_kib(buf)["AnonHugePages"] > 0) == (huge_pages and thp_skip_reason() is None)
 
     asyncio.run(main())

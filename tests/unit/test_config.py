@@ -785,6 +785,14 @@ def test_direct_writes_are_on_unless_turned_off() -> None:
     assert msg.startswith("Clusters.zzzzz.KeepstorePy.DirectWrites: ")
 
 
+def test_huge_page_buffers_are_on_unless_turned_off() -> None:
+    assert load(make_doc()).huge_page_buffers is True
+    c = load(with_key(make_doc(), "KeepstorePy.HugePageBuffers", False))
+    assert c.huge_page_buffers is False and c.warnings == ()
+    msg = error(with_key(make_doc(), "KeepstorePy.HugePageBuffers", "off"))
+    assert msg.startswith("Clusters.zzzzz.KeepstorePy.HugePageBuffers: ")
+
+
 @pytest.mark.parametrize(("value", "seconds"), [(None, 60.0), ("0s", 0.0), (0, 0.0), ("2s", 2.0), ("5m", 300.0)])
 def test_worker_stall_timeout(value: Any, seconds: float) -> None:
     doc = make_doc() if value is None else with_key(make_doc(), "KeepstorePy.WorkerStallTimeout", value)
