@@ -10,6 +10,7 @@ import hashlib
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from keepstore.signing import Signer
@@ -491,3 +493,15 @@ class StubPeer:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def build_shim(directory: Path, source: str, name: str = "shim") -> Path:
+    """An LD_PRELOAD library compiled from C ``source`` into ``directory`` (skips the test without a C compiler,
+    which the C extensions need too)."""
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        pytest.skip("needs a C compiler to build the shim (the C extensions need one too)")
+    src, out = directory / f"{name}.c", directory / f"{name}.so"
+    src.write_text(source)
+    subprocess.run([cc, "-shared", "-fPIC", "-o", str(out), str(src), "-ldl"], check=True)
+    return out

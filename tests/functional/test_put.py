@@ -16,6 +16,7 @@ from keeptest import (
     USER_TOKEN,
     KeepServer,
     ServerFactory,
+    build_shim,
     md5,
     page_cache_residency,
     page_cache_skip_reason,
@@ -319,20 +320,8 @@ def test_small_blocks_are_group_committed_unless_turned_off(server_factory: Serv
 
 def failing_shims(tmp_path: Path, shims: dict[str, list[str]]) -> dict[str, Path]:
     """LD_PRELOAD libraries, one per name, in which each listed system call fails with EIO."""
-    import shutil
-    import subprocess
-
-    cc = shutil.which("gcc") or shutil.which("cc")
-    if cc is None:
-        pytest.skip("needs a C compiler to build the shims (the C extensions need one too)")
     failing = "#include <errno.h>\nint %s(int fd) { (void)fd; errno = EIO; return -1; }\n"
-    built = {}
-    for name, calls in shims.items():
-        src = tmp_path / f"{name}.c"
-        src.write_text("".join(failing % call for call in calls))
-        built[name] = tmp_path / f"{name}.so"
-        subprocess.run([cc, "-shared", "-fPIC", "-o", str(built[name]), str(src)], check=True)
-    return built
+    return {name: build_shim(tmp_path, "".join(failing % c for c in calls), name) for name, calls in shims.items()}
 
 
 def test_group_commit_falls_back_to_fsync_when_syncfs_fails(server_factory: ServerFactory, tmp_path: Path) -> None:

@@ -12,12 +12,12 @@ that writes through a real directory volume, and the child logs each acknowledge
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from keeptest import build_shim
 
 from keepstore.volumes.directory import group_commit_supported
 
@@ -108,13 +108,7 @@ asyncio.run(main())
 
 @pytest.fixture(scope="module")
 def shim(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cc = shutil.which("gcc") or shutil.which("cc")
-    if cc is None:
-        pytest.skip("needs a C compiler to build the shim (the C extensions need one too)")
-    d = tmp_path_factory.mktemp("dirs-shim")
-    (d / "shim.c").write_text(SHIM)
-    subprocess.run([cc, "-shared", "-fPIC", "-o", str(d / "shim.so"), str(d / "shim.c"), "-ldl"], check=True)
-    return d / "shim.so"
+    return build_shim(tmp_path_factory.mktemp("dirs-shim"), SHIM)
 
 
 def run_child(shim: Path, tmp_path: Path, mode: str) -> tuple[Path, list[tuple[str, ...]]]:

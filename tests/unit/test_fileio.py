@@ -10,13 +10,13 @@ child process that writes through the extension and reports what the file holds.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from keeptest import build_shim
 
 SHIM = r"""
 #define _GNU_SOURCE
@@ -126,13 +126,7 @@ print("same" if ok else "different", buffered)
 
 @pytest.fixture(scope="module")
 def shim(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cc = shutil.which("gcc") or shutil.which("cc")
-    if cc is None:
-        pytest.skip("needs a C compiler to build the shim (the C extensions need one too)")
-    d = tmp_path_factory.mktemp("shim")
-    (d / "shim.c").write_text(SHIM)
-    subprocess.run([cc, "-shared", "-fPIC", "-o", str(d / "shim.so"), str(d / "shim.c"), "-ldl"], check=True)
-    return d / "shim.so"
+    return build_shim(tmp_path_factory.mktemp("shim"), SHIM)
 
 
 def write_through(shim: Path, mode: str, path: Path, size: int) -> str:
