@@ -12,10 +12,10 @@
  * ``final_path``, closes ``fd`` (always closed, whatever fails) and fsyncs the directory. Raises OSError (errno,
  * message, the path concerned) at the first failure; the temp file is left for the caller to remove.
  *
- *   write_block(dir_path, tmp_path, final_path, data, xattr_name, xattr_value)
+ *   write_block(dir_path, tmp_path, final_path, data, xattr_name, xattr_value, direct=False, sync_parent=False)
  *
  * is the whole write of a block that is in memory: create ``tmp_path`` (O_EXCL, mode 0600; the directory is
- * created if missing, and its parent fsynced), flock it (a live writer's mark, see the start-up sweep), write
+ * created if missing, and then, or with ``sync_parent``, its parent is fsynced: see sync_parent), flock it (a live writer's mark, see the start-up sweep), write
  * ``data``, set the xattr if ``xattr_value`` is not None (a hint: failures are ignored but reported), then
  * finish_block. Removes the temp file on any failure. Returns 0, or the errno of a failed setxattr. With
  * ``direct`` true the data is written with O_DIRECT where it can be (see write_data below).
@@ -91,10 +91,12 @@ typedef struct {
     const char *path;
 } failure;
 
-/* Make a directory's own entry durable: fsync its parent. Called after every mkdir on the way to a block, EEXIST
- * included (the thread that made the directory may not have synced the parent yet): the fsyncs of a block and of
- * its directory do not cover the parent's entry, and without it a power cut can take away the directory and every
- * block acknowledged inside it. A first write into each of a volume's directories pays for it, no other. */
+/* Make a directory's own entry durable: fsync its parent. The fsyncs of a block and of its directory do not cover
+ * the parent's entry, and without it a power cut can take away the directory and every block acknowledged inside
+ * it. Done after every mkdir on the way to a block, EEXIST included, and (write_block's ``sync_parent``) for the
+ * first write of a process into a directory it has not seen made durable: another thread or process may have made
+ * it a moment ago and not synced its parent yet (keepstore.volumes.directory keeps the set of those it has). In a
+ * group (stage below) the mkdir case only: the group's syncfs covers the rest, and this covers its fallback. */
 static int sync_parent(const char *dir_path) {
     char parent[PATH_MAX];
     const char *slash = strrchr(dir_path, '/');
@@ -261,15 +263,16 @@ static ssize_t write_data(int fd, const char *p, size_t n, int direct) {
 }
 
 static int write_file(const char *dir_path, const char *tmp_path, const char *final_path, const char *data,
-                      size_t len, int direct, const char *xname, const char *xvalue, size_t xlen, int *xerr,
-                      failure *f) {
+                      size_t len, int direct, int sync_dir_entry, const char *xname, const char *xvalue, size_t xlen,
+                      int *xerr, failure *f) {
     int fd = open(tmp_path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
     if (fd < 0 && errno == ENOENT) {
-        if ((mkdir(dir_path, 0755) != 0 && errno != EEXIST) || sync_parent(dir_path) != 0) {
+        if (mkdir(dir_path, 0755) != 0 && errno != EEXIST) {
             f->err = errno;
             f->path = dir_path;
             return -1;
         }
+        sync_dir_entry = 1;
         fd = open(tmp_path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
     }
     if (fd < 0) {
@@ -277,9 +280,18 @@ static int write_file(const char *dir_path, const char *tmp_path, const char *fi
         f->path = dir_path;
         return -1;
     }
-    if (flock(fd, LOCK_EX) != 0 || write_data(fd, data, len, direct) < 0) {
-        f->err = errno;
+    int failed = flock(fd, LOCK_EX) != 0;  /* first: an unlocked temp file is a dead writer's (start-up sweep) */
+    f->path = tmp_path;
+    if (!failed && sync_dir_entry && sync_parent(dir_path) != 0) {
+        failed = 1;
+        f->path = dir_path;
+    }
+    if (!failed && write_data(fd, data, len, direct) < 0) {
+        failed = 1;
         f->path = tmp_path;
+    }
+    if (failed) {
+        f->err = errno;
         close(fd);
         unlink(tmp_path);
         return -1;
@@ -296,9 +308,9 @@ static PyObject *write_block(PyObject *module, PyObject *args) {
     PyObject *dir_str, *tmp_str, *final_str, *xname_str;
     Py_buffer data, xvalue = {0};
     PyObject *xvalue_obj;
-    int direct = 0;
-    if (!PyArg_ParseTuple(args, "UUUy*UO|p", &dir_str, &tmp_str, &final_str, &data, &xname_str, &xvalue_obj,
-                          &direct))
+    int direct = 0, sync_dir_entry = 0;
+    if (!PyArg_ParseTuple(args, "UUUy*UO|pp", &dir_str, &tmp_str, &final_str, &data, &xname_str, &xvalue_obj,
+                          &direct, &sync_dir_entry))
         return NULL;
     PyObject *result = NULL, *dir_b = NULL, *tmp_b = NULL, *final_b = NULL, *xname_b = NULL;
     int have_x = xvalue_obj != Py_None;
@@ -313,7 +325,7 @@ static PyObject *write_block(PyObject *module, PyObject *args) {
         const char *dir_path = PyBytes_AS_STRING(dir_b);
         Py_BEGIN_ALLOW_THREADS
         rc = write_file(dir_path, PyBytes_AS_STRING(tmp_b), PyBytes_AS_STRING(final_b), data.buf, (size_t)data.len,
-                        direct, PyBytes_AS_STRING(xname_b), have_x ? xvalue.buf : NULL, have_x ? (size_t)xvalue.len : 0,
+                        direct, sync_dir_entry, PyBytes_AS_STRING(xname_b), have_x ? xvalue.buf : NULL, have_x ? (size_t)xvalue.len : 0,
                         &xerr, &f);
         Py_END_ALLOW_THREADS
         if (rc == 0) {

@@ -11,6 +11,7 @@ def write_block(
     xattr_name: str,
     xattr_value: bytes | None,
     direct: bool = False,
+    sync_parent: bool = False,
     /,
 ) -> int: ...
 def birth_ns(fd: int, /) -> int | None: ...

@@ -28,6 +28,7 @@ before the thread has finished.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import mmap
 import time
 from collections.abc import AsyncIterator
@@ -37,34 +38,59 @@ from dataclasses import dataclass
 from .locator import BLOCK_SIZE
 
 _MADV_HUGEPAGE: int | None = getattr(mmap, "MADV_HUGEPAGE", None)  # Linux only
+_MADV_NOHUGEPAGE: int | None = getattr(mmap, "MADV_NOHUGEPAGE", None)
 
+HUGE_PAGE = 2 << 20
 # Trimming keeps the start of a buffer, where small blocks live, so that they never fault it back in: one huge page
-# (a range that ends inside a huge page would split it into small ones).
-KEEP_RESIDENT = 2 << 20
+# with huge pages (a range that ended inside one would split it into small pages), else the first MiB.
+KEEP_RESIDENT = HUGE_PAGE
+KEEP_RESIDENT_SMALL_PAGES = 1 << 20
 
 
 class Buffer:
-    """One pooled block buffer. ``view`` is a writable memoryview of the whole capacity."""
+    """One pooled block buffer. ``view`` is a writable memoryview of the whole capacity.
 
-    __slots__ = ("_mmap", "capacity", "idle_since", "trimmed", "view")
+    With ``huge_pages`` the view starts on a huge-page boundary of a mapping one huge page longer (kernels before
+    6.7 do not align anonymous mappings to one; the slack is never touched, so it costs address space only): the
+    buffer is then whole huge pages, and trimming splits none. Without, the mapping opts out of them
+    (MADV_NOHUGEPAGE), which matters where the kernel would otherwise give them to every mapping (``enabled`` =
+    ``always``).
+    """
+
+    __slots__ = ("_mmap", "_offset", "capacity", "idle_since", "keep_resident", "trimmed", "view")
 
     def __init__(self, capacity: int, huge_pages: bool = True) -> None:
         self.capacity = capacity
-        self._mmap = mmap.mmap(-1, capacity, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        if huge_pages and _MADV_HUGEPAGE is not None:
+        huge_pages = huge_pages and _MADV_HUGEPAGE is not None
+        slack = HUGE_PAGE if huge_pages and capacity >= HUGE_PAGE else 0
+        self._mmap = mmap.mmap(-1, capacity + slack, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self._offset = -_address(self._mmap) % HUGE_PAGE if slack else 0  # (a multiple of the page size)
+        advice = _MADV_HUGEPAGE if huge_pages else _MADV_NOHUGEPAGE
+        if advice is not None:
             try:
-                self._mmap.madvise(_MADV_HUGEPAGE)
+                self._mmap.madvise(advice)
             except OSError:
                 pass  # a kernel without transparent huge pages (EINVAL): small pages, as without the setting
-        self.view = memoryview(self._mmap)
+        self.view = memoryview(self._mmap)[self._offset : self._offset + capacity]
+        self.keep_resident = KEEP_RESIDENT if huge_pages else KEEP_RESIDENT_SMALL_PAGES
         self.idle_since = 0.0
         self.trimmed = True
 
     def trim(self) -> None:
-        """Give the memory beyond ``KEEP_RESIDENT`` back to the kernel (it reads as zeros when touched again)."""
-        if self.capacity > KEEP_RESIDENT:
-            self._mmap.madvise(mmap.MADV_DONTNEED, KEEP_RESIDENT, self.capacity - KEEP_RESIDENT)
+        """Give the memory beyond ``keep_resident`` back to the kernel (it reads as zeros when touched again)."""
+        keep = self.keep_resident
+        if self.capacity > keep:
+            self._mmap.madvise(mmap.MADV_DONTNEED, self._offset + keep, self.capacity - keep)
         self.trimmed = True
+
+
+def _address(region: mmap.mmap) -> int:
+    """Where ``region`` starts in this process's address space."""
+    anchor = ctypes.c_char.from_buffer(region)
+    try:
+        return ctypes.addressof(anchor)
+    finally:
+        del anchor  # (an exported buffer would keep the mmap from ever closing)
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ def load_or_create_secrets(data_dir: str) -> Secrets:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(path, f"unreadable secrets file ({exc}); fix or delete it to generate new secrets") from None
     s = Secrets(_random(50), _random(50), _random(64), _random(50))
-    os.makedirs(data_dir, mode=0o700, exist_ok=True)
+    _makedirs_durably(data_dir, 0o700)
     tmp = path + ".tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -64,14 +64,36 @@ def load_or_create_secrets(data_dir: str) -> Secrets:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(data_dir)  # the rename: the tokens printed at start-up must survive a power cut
     return s
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _makedirs_durably(path: str, mode: int) -> None:
+    """``os.makedirs``, with each directory it creates fsynced into its parent (a power cut must not take away the
+    volume root with the blocks acknowledged in it)."""
+    missing = []
+    head = path
+    while not os.path.isdir(head):
+        missing.append(head)
+        head = os.path.dirname(head)
+    os.makedirs(path, mode=mode, exist_ok=True)
+    for made in reversed(missing):
+        _fsync_dir(os.path.dirname(made))
 
 
 def embedded_config(data_dir: str, listen: str = "127.0.0.1:25107") -> tuple[Config, Secrets]:
     data_dir = os.path.abspath(data_dir)
     s = load_or_create_secrets(data_dir)
     root = os.path.join(data_dir, "blocks")
-    os.makedirs(root, mode=0o755, exist_ok=True)
+    _makedirs_durably(root, 0o755)
     doc: dict[str, Any] = {
         "Clusters": {
             CLUSTER_ID: {

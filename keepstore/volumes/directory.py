@@ -118,7 +118,7 @@ def _finish_block_py(fd: int, dir_path: str, tmp_path: str, final_path: str) -> 
         os.close(dfd)
 
 
-_native_write_block: Callable[[str, str, str, memoryview, str, bytes | None, bool], int] | None
+_native_write_block: Callable[[str, str, str, memoryview, str, bytes | None, bool, bool], int] | None
 _birth_ns: Callable[[int], int | None] | None
 _native_append: Callable[[int, memoryview, bool], int] | None
 _GroupItem = tuple[str, str, str, bytes | memoryview, str, bytes | None]  # write_group's (see keepstore/_fileio.c)
@@ -228,6 +228,10 @@ class DirectoryVolume(Volume):
             self._group = BatchingThreadPool(self._write_group, GROUP_COMMIT_THREADS, f"commit-{spec.uuid[-5:]}")
         self._use_journal = params.journal and self._group is not None and spec.allow_write
         self._journal: journal.Journal | None = None
+        # The <hash[0:3]> directories whose entries in the root this process knows to be durable: those there at
+        # start (the root is fsynced then) and those it synced since. A first write into any other fsyncs the root
+        # first, even where another thread or process made the directory (see sync_parent in keepstore/_fileio.c).
+        self._durable_dirs: set[str] = set()
 
     @property
     def device_id(self) -> str:
@@ -237,6 +241,23 @@ class DirectoryVolume(Volume):
         # Before any write: blocks a crashed process acknowledged through its journal are made durable (and
         # repaired where a power cut left their files incomplete) whatever this process's own settings are.
         self._journal = await self._run(self._start_journal)
+        if self.spec.allow_write:
+            try:
+                self._durable_dirs = await self._run(self._known_durable_dirs)
+            except OSError as exc:
+                # Not fatal: with none known durable, each first write into a directory syncs the root itself,
+                # and fails on its own if that fails.
+                self.stats.error(type(exc).__name__)
+                log.error(
+                    "cannot sync the volume root at start",
+                    extra={"fields": {"volume": self.spec.uuid, "error": str(exc)}},
+                )
+
+    def _known_durable_dirs(self) -> set[str]:
+        """The block directories there now, made durable in the root by one fsync (see ``_durable_dirs``)."""
+        names = {name for name in os.listdir(self.root) if len(name) == 3 and _HEX_DIR_RE.fullmatch(name)}
+        _fsync_dir(self.root)
+        return names
 
     async def close(self) -> None:
         if self._group is not None:
@@ -461,7 +482,13 @@ class DirectoryVolume(Volume):
         xattr = checkpoints.encode() if checkpoints is not None and self._xattrs else None
         try:
             final = self._path(hash)
-            xattr_error = self._write_block(directory, tmp, final, data, CHECKPOINT_XATTR, xattr, self._direct)
+            prefix = hash[:3]
+            unsynced = prefix not in self._durable_dirs
+            xattr_error = self._write_block(
+                directory, tmp, final, data, CHECKPOINT_XATTR, xattr, self._direct, unsynced
+            )
+            if unsynced:
+                self._durable_dirs.add(prefix)
         except OSError as exc:
             self.stats.op("create")
             raise self._write_error(exc, tmp) from exc
@@ -632,12 +659,20 @@ class DirectoryVolume(Volume):
         return out
 
     def _write_py(
-        self, directory: str, tmp: str, final: str, data: memoryview, name: str, value: bytes | None, direct: bool
+        self,
+        directory: str,
+        tmp: str,
+        final: str,
+        data: memoryview,
+        name: str,
+        value: bytes | None,
+        direct: bool,
+        sync_parent: bool = False,
     ) -> int:
         """keepstore._fileio.write_block in Python (where the extension is not built): same steps, same contract,
         always buffered (``self._direct`` is false without the extension)."""
         hash = final.rpartition("/")[2]
-        tmp, fd = self._create_temp(hash, tmp)
+        tmp, fd = self._create_temp(hash, tmp)  # (syncs the root where sync_parent would: same set)
         try:
             self._append(hash, tmp, fd, data, 0)
         except BaseException:
@@ -670,9 +705,7 @@ class DirectoryVolume(Volume):
             except FileNotFoundError:
                 self.stats.op("mkdir")
                 os.makedirs(directory, mode=0o755, exist_ok=True)
-                # The new directory's entry, which no fsync of the block or of its directory covers (see
-                # sync_parent in keepstore/_fileio.c: the same step, for the same reason, EEXIST included).
-                _fsync_dir(self.root)
+                self._durable_dirs.discard(hash[:3])
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise self._write_error(exc, directory) from exc
@@ -682,6 +715,15 @@ class DirectoryVolume(Volume):
         except OSError as exc:
             self._discard(tmp, fd)
             raise self._write_error(exc, tmp) from exc
+        if hash[:3] not in self._durable_dirs:
+            # The directory's own entry, which no fsync of the block or of its directory covers (see sync_parent
+            # in keepstore/_fileio.c: the same step, for the same reasons).
+            try:
+                _fsync_dir(self.root)
+            except OSError as exc:
+                self._discard(tmp, fd)
+                raise self._write_error(exc, directory) from exc
+            self._durable_dirs.add(hash[:3])
         return tmp, fd
 
     def _append(self, hash: str, tmp: str, fd: int, data: memoryview, offset: int) -> None:
@@ -874,9 +916,9 @@ class DirectoryVolume(Volume):
                 return False  # replaced by a good copy since the caller read it
             try:
                 os.mkdir(qdir, mode=0o755)
-                _fsync_dir(self.root)  # the new directory's own entry
             except FileExistsError:
                 pass
+            _fsync_dir(self.root)  # the directory's own entry (EEXIST too: its maker may not have synced it yet)
             # Opened before the rename and fsynced after it: a writeback error on the directory in between is
             # reported to a descriptor only if that descriptor was open when it happened.
             try:

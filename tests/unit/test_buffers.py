@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from keepstore.buffers import Buffer, BufferPool
+from keepstore.buffers import HUGE_PAGE, KEEP_RESIDENT, KEEP_RESIDENT_SMALL_PAGES, Buffer, BufferPool
 from keepstore.locator import BLOCK_SIZE
 
 SMALL = 4096
@@ -301,34 +301,63 @@ def mapping_kib(buf: Buffer) -> dict[str, int]:
     return fields
 
 
+def thp_fallbacks() -> int:
+    """How many times the kernel could not give a huge page where one was asked for (/proc/vmstat)."""
+    for line in Path("/proc/vmstat").read_text().splitlines():
+        name, _, value = line.partition(" ")
+        if name == "thp_fault_fallback":
+            return int(value)
+    return 0
+
+
+def fill(buf: Buffer, byte: bytes) -> None:
+    """Touch every page of ``buf``, as a 64 MiB PUT does; skip the test where the kernel refused huge pages (free
+    ones are short on a fragmented or memory-limited host): what is tested is keepstore's asking, not the kernel."""
+    before = thp_fallbacks()
+    buf.view[:] = byte * buf.capacity
+    if thp_fallbacks() > before and buf.keep_resident == KEEP_RESIDENT:
+        pytest.skip("the kernel fell back to small pages for some of the buffer (thp_fault_fallback rose)")
+
+
+def view_address(buf: Buffer) -> int:
+    import ctypes
+
+    anchor = ctypes.c_char.from_buffer(buf.view)
+    try:
+        return ctypes.addressof(anchor)
+    finally:
+        del anchor
+
+
 def test_buffers_use_huge_pages_unless_turned_off() -> None:
     reason = thp_skip_reason()
     if reason:
         pytest.skip(reason)
     huge, small = Buffer(BLOCK_SIZE, huge_pages=True), Buffer(BLOCK_SIZE, huge_pages=False)
-    for buf in (huge, small):
-        buf.view[:] = b"\x01" * BLOCK_SIZE  # every page touched, as by a 64 MiB PUT
-    # Huge pages are granted where free ones exist, which a machine with little free memory may lack for some.
-    assert mapping_kib(huge)["AnonHugePages"] >= BLOCK_SIZE // 2 // 1024
-    assert mapping_kib(small)["AnonHugePages"] == 0
+    fill(huge, b"\x01")
+    fill(small, b"\x01")
+    assert mapping_kib(huge)["AnonHugePages"] == BLOCK_SIZE // 1024  # all of it: it starts on a huge page
+    assert mapping_kib(small)["AnonHugePages"] == 0  # opted out, even where the kernel gives them to everyone
     assert bytes(huge.view[BLOCK_SIZE - 3 :]) == b"\x01" * 3
+    assert view_address(huge) % HUGE_PAGE == 0
 
 
 @pytest.mark.parametrize("huge_pages", [True, False])
 def test_trim_keeps_the_start_resident_and_returns_the_rest(huge_pages: bool) -> None:
-    from keepstore.buffers import KEEP_RESIDENT
-
     buf = Buffer(BLOCK_SIZE, huge_pages=huge_pages)
-    buf.view[:] = b"\x02" * BLOCK_SIZE
-    assert mapping_kib(buf)["Rss"] == BLOCK_SIZE // 1024
+    fill(buf, b"\x02")
+    assert mapping_kib(buf)["Rss"] == BLOCK_SIZE // 1024  # (the mapping's slack, if any, untouched)
+    huge_before = mapping_kib(buf)["AnonHugePages"]
     buf.trim()
     assert buf.trimmed
+    keep = buf.keep_resident
+    assert keep == (KEEP_RESIDENT if huge_pages else KEEP_RESIDENT_SMALL_PAGES)
     kib = mapping_kib(buf)
-    assert kib["Rss"] == KEEP_RESIDENT // 1024  # the first huge page whole, not split, and nothing else
-    if huge_pages and thp_skip_reason() is None and kib["AnonHugePages"]:
-        assert kib["AnonHugePages"] == KEEP_RESIDENT // 1024
-    assert bytes(buf.view[:KEEP_RESIDENT]) == b"\x02" * KEEP_RESIDENT  # small blocks' part left as it was
-    assert bytes(buf.view[KEEP_RESIDENT : KEEP_RESIDENT + 4096]) == bytes(4096)  # the rest reads as zeros
+    assert kib["Rss"] == keep // 1024  # nothing beyond the start
+    if huge_before:
+        assert kib["AnonHugePages"] == keep // 1024  # the first huge page whole, not split
+    assert bytes(buf.view[:keep]) == b"\x02" * keep  # small blocks' part left as it was
+    assert bytes(buf.view[keep : keep + 4096]) == bytes(4096)  # the rest reads as zeros
 
 
 def test_pool_hands_out_buffers_as_configured() -> None:
@@ -336,7 +365,7 @@ def test_pool_hands_out_buffers_as_configured() -> None:
         for huge_pages in (True, False):
             pool = BufferPool(1, huge_pages=huge_pages)
             async with pool.buffer() as buf:
-                buf.view[:] = b"\x03" * BLOCK_SIZE
+                fill(buf, b"\x03")
                 assert (mapping_kib(buf)["AnonHugePages"] > 0) == (huge_pages and thp_skip_reason() is None)
 
     asyncio.run(main())

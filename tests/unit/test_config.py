@@ -753,6 +753,28 @@ def test_embedded_default_creates_and_reuses_secrets(tmp_path: Path) -> None:
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
+def test_embedded_default_makes_its_directories_and_secrets_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every directory it creates is fsynced into its parent, and the renamed secrets file into its directory: a
+    # power cut right after the first start must not take away the volume root, or the tokens printed at start.
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    base = tmp_path.resolve()
+    data_dir = base / "a" / "kd"
+    embedded_config(str(data_dir), "127.0.0.1:1234")
+    assert str(base) in synced  # a/'s entry
+    assert str(base / "a") in synced  # kd/'s entry
+    assert synced.count(str(data_dir)) >= 2  # secrets.json's rename, then blocks/'s entry
+    assert synced.index(str(data_dir / "secrets.json.tmp")) < synced.index(str(data_dir))  # data before name
+
+
 def test_check_config_prints_settings_with_secrets_masked(tmp_path: Path) -> None:
     doc = make_doc(root=str(tmp_path))
     cluster = doc["Clusters"]["zzzzz"]

@@ -72,33 +72,62 @@ root, log, mode = sys.argv[1], os.environ["DIRS_LOG"], sys.argv[2]
 spec = VolumeSpec(uuid="zzzzz-nyw5e-000000000000000", driver="Directory", parameters={"Root": root}, key_path="V")
 group = mode == "group"
 params = DirectoryParameters(root=root, group_commit=group, journal=group, direct_writes=True)
+prefixes = set()
+
+def block(size):
+    # Every block in its own <hash[0:3]> directory, so that the directories made are counted exactly.
+    while True:
+        data = os.urandom(size)
+        if hashlib.md5(data).hexdigest()[:3] not in prefixes:
+            prefixes.add(hashlib.md5(data).hexdigest()[:3])
+            return data
+
+def note(line):
+    with open(log, "a") as f:
+        f.write(line + "\n")
 
 def acked(what, data):
-    with open(log, "a") as f:
-        f.write(f"acked {what} {os.path.join(root, hashlib.md5(data).hexdigest()[:3])}\n")
+    note(f"acked {what} {os.path.join(root, hashlib.md5(data).hexdigest()[:3])}")
+
+async def whole(vol, data):
+    await vol.block_create(hashlib.md5(data).hexdigest(), memoryview(data))
+    acked("whole", data)
+
+async def streamed(vol, data):
+    w = await vol.block_writer(hashlib.md5(data).hexdigest())
+    for at in range(0, len(data), 1 << 20):
+        await w.write(memoryview(data)[at : at + (1 << 20)])
+    await w.commit()
+    acked("streamed", data)
 
 async def main():
     vol = DirectoryVolume(spec, params)
+    if mode == "foreign":
+        # One directory there before the start (made by an earlier process, perhaps never synced), two made
+        # after it by "another process" (this one, behind the volume's back): the volume made none of them.
+        early = block(1 << 20)
+        os.mkdir(os.path.join(root, hashlib.md5(early).hexdigest()[:3]))
     await vol.start()
+    note("started -")
     try:
         if group:
             assert vol.group_commit and vol._journal is not None, "no journal"
             for i in range(3):
-                data = os.urandom(4096) + bytes([i])
+                data = block(4096)
                 await vol.block_create(hashlib.md5(data).hexdigest(), memoryview(data))
                 acked("journal", data)
+        elif mode == "foreign":
+            late = [block(1 << 20), block(5 << 20)]
+            for data in late:
+                os.mkdir(os.path.join(root, hashlib.md5(data).hexdigest()[:3]))
+            await whole(vol, early)
+            await whole(vol, late[0])
+            await streamed(vol, late[1])
         else:
             for i in range(3):
-                data = os.urandom(1 << 20) + bytes([i])
-                await vol.block_create(hashlib.md5(data).hexdigest(), memoryview(data))
-                acked("whole", data)
+                await whole(vol, block(1 << 20))
             for i in range(3):
-                data = os.urandom(5 << 20) + bytes([i])
-                w = await vol.block_writer(hashlib.md5(data).hexdigest())
-                for at in range(0, len(data), 1 << 20):
-                    await w.write(memoryview(data)[at : at + (1 << 20)])
-                await w.commit()
-                acked("streamed", data)
+                await streamed(vol, block(5 << 20))
     finally:
         await vol.close()
 
@@ -114,6 +143,7 @@ def shim(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def run_child(shim: Path, tmp_path: Path, mode: str) -> tuple[Path, list[tuple[str, ...]]]:
     root = tmp_path / "vol"
     root.mkdir()
+    root = root.resolve()  # as the shim names what it fsyncs (from /proc/self/fd)
     log = tmp_path / "calls.log"
     env = {**os.environ, "LD_PRELOAD": str(shim), "DIRS_LOG": str(log)}
     done = subprocess.run(
@@ -140,13 +170,31 @@ def assert_parent_synced_before_ack(root: Path, calls: list[tuple[str, ...]]) ->
     return acks
 
 
+def root_syncs(root: Path, calls: list[tuple[str, ...]]) -> int:
+    return sum(1 for c in calls if c == ("fsync", str(root)))
+
+
+def made_under(root: Path, calls: list[tuple[str, ...]]) -> int:
+    return sum(1 for c in calls if c[0] == "mkdir" and os.path.dirname(c[1]) == str(root))
+
+
 def test_whole_and_streamed_writes_sync_the_root_after_making_a_directory(shim: Path, tmp_path: Path) -> None:
     root, calls = run_child(shim, tmp_path, "plain")
     assert assert_parent_synced_before_ack(root, calls) == ["whole"] * 3 + ["streamed"] * 3
-    # The root is fsynced for new directories only, not once per block.
-    made = sum(1 for c in calls if c[0] == "mkdir" and os.path.dirname(c[1]) == str(root))
-    assert made == 6
-    assert sum(1 for c in calls if c == ("fsync", str(root))) == made
+    # The root is fsynced at start, then once per new directory, not once per block.
+    assert made_under(root, calls) == 6
+    assert root_syncs(root, calls) == 1 + 6
+
+
+def test_a_directory_the_volume_did_not_make_is_synced_before_its_first_block(shim: Path, tmp_path: Path) -> None:
+    # Another thread or process may have made a directory a moment ago and not synced its entry yet: a process
+    # syncs the root before its first block in any directory it has not seen made durable (those there at its
+    # start are covered by an fsync of the root then).
+    root, calls = run_child(shim, tmp_path, "foreign")
+    assert assert_parent_synced_before_ack(root, calls) == ["whole", "whole", "streamed"]
+    started = calls.index(("started", "-"))
+    assert root_syncs(root, calls[:started]) == 1  # at start, after the early directory
+    assert root_syncs(root, calls[started:]) == 2  # one per late directory, none for the early one
 
 
 @pytest.mark.skipif(not group_commit_supported(), reason="group commit needs Linux 5.8+ and the extension")
@@ -155,7 +203,11 @@ def test_the_journal_directory_and_group_commit_directories_are_synced_in_the_ro
 ) -> None:
     root, calls = run_child(shim, tmp_path, "group")
     journal_dir = str(root / "journal")
-    at = calls.index(("mkdir", journal_dir))
-    first_ack = next(i for i, c in enumerate(calls) if c[0] == "acked")
-    assert ("fsync", str(root)) in calls[at:first_ack], calls
+    started = calls.index(("started", "-"))
+    # Recovery makes the journal directory, syncs it (the journal file's entry), then the root (its own entry);
+    # the start's sync of the root for the block directories comes after: two before the first block.
+    synced_dir = calls.index(("fsync", journal_dir))
+    assert calls.index(("mkdir", journal_dir)) < synced_dir < started
+    assert ("fsync", str(root)) in calls[synced_dir:started]
+    assert root_syncs(root, calls[:started]) == 2, calls
     assert assert_parent_synced_before_ack(root, [c for c in calls if c[1] != journal_dir]) == ["journal"] * 3
