@@ -94,9 +94,23 @@ typedef struct {
 /* Make a directory's own entry durable: fsync its parent. The fsyncs of a block and of its directory do not cover
  * the parent's entry, and without it a power cut can take away the directory and every block acknowledged inside
  * it. Done after every mkdir on the way to a block, EEXIST included, and (write_block's ``sync_parent``) for the
- * first write of a process into a directory it has not seen made durable: another thread or process may have made
- * it a moment ago and not synced its parent yet (keepstore.volumes.directory keeps the set of those it has). In a
- * group (stage below) the mkdir case only: the group's syncfs covers the rest, and this covers its fallback. */
+ * first write of a process into a directory it has not seen made durable, if that directory is young (above):
+ * another thread or process may have made it a moment ago and not synced its parent yet
+ * (keepstore.volumes.directory keeps the set of those it has seen). In a group (stage below) the mkdir case only:
+ * the group's syncfs covers the rest, and this covers its fallback. */
+/* Whether a directory was made less than YOUNG_DIR_NS ago, or its age is unknown: its maker (which syncs the
+ * parent right after its mkdir) may still be at it. Older ones were synced by their maker, or by the start of the
+ * process that came after a maker that died first (keepstore.volumes.directory syncs the root at start). */
+#define YOUNG_DIR_NS (60LL * 1000000000LL)
+static int dir_is_young(const char *dir_path) {
+    struct statx st;
+    if (statx(AT_FDCWD, dir_path, 0, STATX_BTIME, &st) != 0 || !(st.stx_mask & STATX_BTIME)) return 1;
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    long long born = (long long)st.stx_btime.tv_sec * 1000000000LL + st.stx_btime.tv_nsec;
+    return (long long)now.tv_sec * 1000000000LL + now.tv_nsec - born < YOUNG_DIR_NS;
+}
+
 static int sync_parent(const char *dir_path) {
     char parent[PATH_MAX];
     const char *slash = strrchr(dir_path, '/');
@@ -272,7 +286,7 @@ static int write_file(const char *dir_path, const char *tmp_path, const char *fi
             f->path = dir_path;
             return -1;
         }
-        sync_dir_entry = 1;
+        sync_dir_entry = 2;  /* whatever its age: it may be this thread's */
         fd = open(tmp_path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
     }
     if (fd < 0) {
@@ -282,7 +296,7 @@ static int write_file(const char *dir_path, const char *tmp_path, const char *fi
     }
     int failed = flock(fd, LOCK_EX) != 0;  /* first: an unlocked temp file is a dead writer's (start-up sweep) */
     f->path = tmp_path;
-    if (!failed && sync_dir_entry && sync_parent(dir_path) != 0) {
+    if (!failed && sync_dir_entry && (sync_dir_entry > 1 || dir_is_young(dir_path)) && sync_parent(dir_path) != 0) {
         failed = 1;
         f->path = dir_path;
     }

@@ -18,7 +18,8 @@ EPYC machine that doubled bare durable writes of 1 MiB blocks and raised keepsto
 (docs/benchmarks.md). Huge pages also cut page faults and TLB misses when a buffer is filled. What they cost: memory
 is committed 2 MiB at a time, so a small block commits 2 MiB of the buffer it lands in (trimming keeps that much,
 ``KEEP_RESIDENT``), and a fault where no huge page is free may compact memory first (the kernel's ``defrag``
-setting; with ``never`` it falls back to small pages at once).
+setting; with ``never`` or ``defer`` it falls back to small pages at once): buffers are filled on the event loop, so
+that wait is the whole worker's.
 
 Invariant for users: a buffer must not be released while any thread or transport still reads or writes it. Code
 that hands a buffer to a thread uses :class:`keepstore.aio.ThreadPool`, which does not return (even when cancelled)

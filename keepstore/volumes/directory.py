@@ -229,8 +229,9 @@ class DirectoryVolume(Volume):
         self._use_journal = params.journal and self._group is not None and spec.allow_write
         self._journal: journal.Journal | None = None
         # The <hash[0:3]> directories whose entries in the root this process knows to be durable: those there at
-        # start (the root is fsynced then) and those it synced since. A first write into any other fsyncs the root
-        # first, even where another thread or process made the directory (see sync_parent in keepstore/_fileio.c).
+        # start (the root is fsynced then) and those it has written into since. A first write into any other
+        # fsyncs the root first if the directory is young, even where another thread or process made it (see
+        # sync_parent in keepstore/_fileio.c): its maker may not have synced its entry yet.
         self._durable_dirs: set[str] = set()
 
     @property
@@ -698,6 +699,7 @@ class DirectoryVolume(Volume):
             raise VolumeFull()
         directory = self._dir(hash)
         tmp = tmp or f"{directory}/tmp{hash}{os.urandom(6).hex()}"
+        made = False
         try:
             self.stats.op("create")
             try:
@@ -706,6 +708,7 @@ class DirectoryVolume(Volume):
                 self.stats.op("mkdir")
                 os.makedirs(directory, mode=0o755, exist_ok=True)
                 self._durable_dirs.discard(hash[:3])
+                made = True
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise self._write_error(exc, directory) from exc
@@ -719,7 +722,8 @@ class DirectoryVolume(Volume):
             # The directory's own entry, which no fsync of the block or of its directory covers (see sync_parent
             # in keepstore/_fileio.c: the same step, for the same reasons).
             try:
-                _fsync_dir(self.root)
+                if made or _dir_is_young(directory):
+                    _fsync_dir(self.root)
             except OSError as exc:
                 self._discard(tmp, fd)
                 raise self._write_error(exc, directory) from exc
@@ -1204,6 +1208,22 @@ class _LocalFile(LocalBlock):
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+YOUNG_DIR_NS = 60 * 10**9  # as in keepstore/_fileio.c (dir_is_young)
+
+
+def _dir_is_young(path: str) -> bool:
+    """Whether a directory was made less than YOUNG_DIR_NS ago, or its age is unknown (see dir_is_young in
+    keepstore/_fileio.c)."""
+    if _birth_ns is None:
+        return True
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        born = _birth_ns(fd)
+    finally:
+        os.close(fd)
+    return born is None or time.time_ns() - born < YOUNG_DIR_NS
 
 
 def _fsync_dir(path: str) -> None:
