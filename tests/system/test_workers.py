@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from keeptest import (
     ROOT_TOKEN,
     USER_TOKEN,
@@ -246,14 +247,35 @@ def test_a_stalled_worker_is_killed_and_replaced(server_factory: ServerFactory) 
 
 def test_a_stalled_worker_that_recovers_is_spared_and_its_stacks_are_logged(server_factory: ServerFactory) -> None:
     srv, survivor, victim = stalling_pair(server_factory)
-    os.kill(victim, signal.SIGSTOP)
-    try:
-        wait_for(lambda: logged(srv, "worker stalled"), timeout=20, what="the stall to be noticed")
-    finally:
-        # Running again within the half second before the kill: the SIGUSR1 the supervisor sent is delivered now
-        # (every thread's stack to the log), and its event loop beats again.
-        os.kill(victim, signal.SIGCONT)
-    wait_for(lambda: logged(srv, "stalled worker recovered"), what="the recovery to be noticed")
+
+    def lines(prefix: str) -> list[dict[str, object]]:
+        return [ln for ln in srv.log_lines() if str(ln.get("msg", "")).startswith(prefix)]
+
+    # The worker must run again within the half second between the supervisor's stack dump and its kill. On a
+    # loaded machine this test is sometimes too late (the worker is then killed and replaced, as it should be):
+    # up to three tries, each with the worker of the moment.
+    for _ in range(3):
+        stalls = len(lines("worker stalled"))
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            wait_for(lambda n=stalls: len(lines("worker stalled")) > n, timeout=20, interval=0.01, what="the stall")
+        finally:
+            # The SIGUSR1 the supervisor sent is delivered now (every thread's stack to the log), and its event
+            # loop beats again. (Or it is gone already, killed: too late, see above.)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGCONT)
+
+        def outcome(victim: int = victim) -> str | None:
+            if any(ln.get("pid") == victim for ln in lines("stalled worker recovered")):
+                return "spared"
+            now = workers_of(srv)
+            return "replaced" if len(now) == 2 and victim not in now else None
+
+        if wait_for(outcome, what="the recovery or the replacement") == "spared":
+            break
+        victim = next(pid for pid in workers_of(srv) if pid != survivor)
+    else:
+        pytest.fail("the test never continued the stalled worker in time (three tries)")
     wait_for(lambda: "most recent call first" in srv.log_text(), what="the stalled worker's stacks in the log")
     time.sleep(1)
     assert workers_of(srv) == [survivor, victim]
