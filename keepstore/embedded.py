@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import Config, ConfigError, from_document
+from .volumes.directory import fsync_dir
 
 CLUSTER_ID = "zzzzz"
 VOLUME_UUID = f"{CLUSTER_ID}-nyw5e-000000000000000"
@@ -64,16 +65,8 @@ def load_or_create_secrets(data_dir: str) -> Secrets:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(data_dir)  # the rename: the tokens printed at start-up must survive a power cut
+    fsync_dir(data_dir)  # the rename: the tokens printed at start-up must survive a power cut
     return s
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _makedirs_durably(path: str, mode: int) -> None:
@@ -86,7 +79,7 @@ def _makedirs_durably(path: str, mode: int) -> None:
         head = os.path.dirname(head)
     os.makedirs(path, mode=mode, exist_ok=True)
     for made in reversed(missing):
-        _fsync_dir(os.path.dirname(made))
+        fsync_dir(os.path.dirname(made))
 
 
 def embedded_config(data_dir: str, listen: str = "127.0.0.1:25107") -> tuple[Config, Secrets]:

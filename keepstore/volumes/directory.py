@@ -257,7 +257,7 @@ class DirectoryVolume(Volume):
     def _known_durable_dirs(self) -> set[str]:
         """The block directories there now, made durable in the root by one fsync (see ``_durable_dirs``)."""
         names = {name for name in os.listdir(self.root) if len(name) == 3 and _HEX_DIR_RE.fullmatch(name)}
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         return names
 
     async def close(self) -> None:
@@ -561,7 +561,7 @@ class DirectoryVolume(Volume):
                 if os.fstat(fd).st_size == len(data) and os.pread(fd, len(data) + 1, 0) == data:
                     try:
                         os.fsync(fd)
-                        _fsync_dir(self._dir(hash))
+                        fsync_dir(self._dir(hash))
                         return False
                     except OSError:
                         pass  # its writeback failed: written again below
@@ -723,7 +723,7 @@ class DirectoryVolume(Volume):
             # in keepstore/_fileio.c: the same step, for the same reasons).
             try:
                 if made or _dir_is_young(directory):
-                    _fsync_dir(self.root)
+                    fsync_dir(self.root)
             except OSError as exc:
                 self._discard(tmp, fd)
                 raise self._write_error(exc, directory) from exc
@@ -922,7 +922,7 @@ class DirectoryVolume(Volume):
                 os.mkdir(qdir, mode=0o755)
             except FileExistsError:
                 pass
-            _fsync_dir(self.root)  # the directory's own entry (EEXIST too: its maker may not have synced it yet)
+            fsync_dir(self.root)  # the directory's own entry (EEXIST too: its maker may not have synced it yet)
             # Opened before the rename and fsynced after it: a writeback error on the directory in between is
             # reported to a descriptor only if that descriptor was open when it happened.
             try:
@@ -1226,7 +1226,8 @@ def _dir_is_young(path: str) -> bool:
     return born is None or time.time_ns() - born < YOUNG_DIR_NS
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
+    """Make the entries of directory ``path`` durable (what was created, renamed or removed in it)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
