@@ -14,11 +14,11 @@
  *
  *   write_block(dir_path, tmp_path, final_path, data, xattr_name, xattr_value, direct=False, sync_parent=False)
  *
- * is the whole write of a block that is in memory: create ``tmp_path`` (O_EXCL, mode 0600; the directory is
- * created if missing, and then, or with ``sync_parent``, its parent is fsynced: see sync_parent), flock it (a live writer's mark, see the start-up sweep), write
- * ``data``, set the xattr if ``xattr_value`` is not None (a hint: failures are ignored but reported), then
- * finish_block. Removes the temp file on any failure. Returns 0, or the errno of a failed setxattr. With
- * ``direct`` true the data is written with O_DIRECT where it can be (see write_data below).
+ * is the whole write of a block that is in memory: create ``tmp_path`` (O_EXCL, mode 0600; the directory is created
+ * if missing, and then, or with ``sync_parent``, its parent is fsynced: see sync_parent), flock it (a live writer's
+ * mark, see the start-up sweep), write ``data``, set the xattr if ``xattr_value`` is not None (a hint: failures are
+ * ignored but reported), then finish_block. Removes the temp file on any failure. Returns 0, or the errno of a
+ * failed setxattr. With ``direct`` true the data is written with O_DIRECT where it can be (see write_data below).
  *
  *   append(fd, data, direct=False)
  *
@@ -279,14 +279,14 @@ static ssize_t write_data(int fd, const char *p, size_t n, int direct) {
 static int write_file(const char *dir_path, const char *tmp_path, const char *final_path, const char *data,
                       size_t len, int direct, int sync_dir_entry, const char *xname, const char *xvalue, size_t xlen,
                       int *xerr, failure *f) {
-    int fd = open(tmp_path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    int made = 0, fd = open(tmp_path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
     if (fd < 0 && errno == ENOENT) {
         if (mkdir(dir_path, 0755) != 0 && errno != EEXIST) {
             f->err = errno;
             f->path = dir_path;
             return -1;
         }
-        sync_dir_entry = 2;  /* whatever its age: it may be this thread's */
+        made = 1;  /* synced whatever its age: it may be this thread's */
         fd = open(tmp_path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
     }
     if (fd < 0) {
@@ -296,7 +296,7 @@ static int write_file(const char *dir_path, const char *tmp_path, const char *fi
     }
     int failed = flock(fd, LOCK_EX) != 0;  /* first: an unlocked temp file is a dead writer's (start-up sweep) */
     f->path = tmp_path;
-    if (!failed && sync_dir_entry && (sync_dir_entry > 1 || dir_is_young(dir_path)) && sync_parent(dir_path) != 0) {
+    if (!failed && (made || (sync_dir_entry && dir_is_young(dir_path))) && sync_parent(dir_path) != 0) {
         failed = 1;
         f->path = dir_path;
     }
@@ -339,7 +339,8 @@ static PyObject *write_block(PyObject *module, PyObject *args) {
         const char *dir_path = PyBytes_AS_STRING(dir_b);
         Py_BEGIN_ALLOW_THREADS
         rc = write_file(dir_path, PyBytes_AS_STRING(tmp_b), PyBytes_AS_STRING(final_b), data.buf, (size_t)data.len,
-                        direct, sync_dir_entry, PyBytes_AS_STRING(xname_b), have_x ? xvalue.buf : NULL, have_x ? (size_t)xvalue.len : 0,
+                        direct, sync_dir_entry, PyBytes_AS_STRING(xname_b), have_x ? xvalue.buf : NULL,
+                        have_x ? (size_t)xvalue.len : 0,
                         &xerr, &f);
         Py_END_ALLOW_THREADS
         if (rc == 0) {
