@@ -16,6 +16,8 @@
  *   digest_file(fd, size, interval, chains, scratch, keep)
  *                              a stored block's MD5 from its checkpoints (see digest_file below), read and hashed
  *                              in one call without the GIL.
+ *   read_cached(path, into, max_size)
+ *                              a small block read from the page cache and hashed in one call (see below).
  *
  * A state must not be used by two threads at once; update_many holds no reference to a buffer after it returns.
  */
@@ -23,8 +25,11 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -678,6 +683,73 @@ done:
     return result;
 }
 
+/* ---- read_cached ------------------------------------------------------------------------------------------------
+ *
+ * read_cached(path, into, max_size) -> (size, md5 hex) | None
+ *
+ * The block stored at ``path`` read into ``into`` and hashed, in one call: open, fstat, one preadv2 with
+ * RWF_NOWAIT (which fails rather than wait for the disk), MD5, close. It is the event loop's path for small cached
+ * blocks (keepstore/volumes/directory.py, read_cached): each of those steps costs less than the Python around it.
+ * Raises FileNotFoundError when nothing is at ``path`` (ENOENT, ENOTDIR). Returns None for anything else that keeps
+ * it from answering at once: a block larger than ``max_size`` or ``into``, data not in the page cache, a file
+ * system without RWF_NOWAIT, or any other error, which the caller's general path then meets and reports. The
+ * digest is computed, not compared: the caller decides what a mismatch means. */
+static PyObject *read_cached(PyObject *module, PyObject *args) {
+    const char *path;
+    Py_buffer into;
+    Py_ssize_t max_size;
+    if (!PyArg_ParseTuple(args, "sw*n", &path, &into, &max_size)) return NULL;
+    int open_err = 0, ok = 0;
+    ssize_t size = 0;
+    uint8_t out[16];
+    Py_BEGIN_ALLOW_THREADS
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        open_err = errno;
+    } else {
+        struct stat st;
+        if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_size <= max_size && st.st_size <= into.len) {
+            size = (ssize_t)st.st_size;
+            ssize_t got = 0;
+#ifdef RWF_NOWAIT
+            if (size > 0) {
+                struct iovec iov = {into.buf, (size_t)size};
+                got = preadv2(fd, &iov, 1, 0, RWF_NOWAIT);
+            }
+#else
+            got = -1;
+#endif
+            if (got == size) {
+                md5_ctx ctx;
+                md5_init(&ctx);
+                size_t whole = (size_t)size / 64 * 64;
+                md5_blocks(ctx.h, into.buf, whole / 64);
+                ctx.length = (uint64_t)size;
+                ctx.compressed = whole;
+                ctx.tail_len = (uint32_t)(size - whole);
+                memcpy(ctx.tail, (const uint8_t *)into.buf + whole, ctx.tail_len);
+                md5_final(&ctx, out);
+                ok = 1;
+            }
+        }
+        close(fd);
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&into);
+    if (open_err == ENOENT || open_err == ENOTDIR) {
+        errno = open_err;
+        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
+    }
+    if (!ok) Py_RETURN_NONE;
+    static const char hexdigits[] = "0123456789abcdef";
+    char hex[32];
+    for (int i = 0; i < 16; i++) {
+        hex[2 * i] = hexdigits[out[i] >> 4];
+        hex[2 * i + 1] = hexdigits[out[i] & 15];
+    }
+    return Py_BuildValue("(ns#)", size, hex, (Py_ssize_t)32);
+}
+
 static PyObject *simd_lanes(PyObject *module, PyObject *unused) { return PyLong_FromLong(have_avx2 ? LANES : 1); }
 
 static PyObject *set_simd(PyObject *module, PyObject *arg) {
@@ -694,6 +766,8 @@ static PyMethodDef module_methods[] = {
     {"update_many", update_many, METH_VARARGS, "update_many(states, buffers): states[i].update(buffers[i]) for all i."},
     {"digest_file", digest_file, METH_VARARGS,
      "digest_file(fd, size, interval, chains, scratch, keep): a checkpointed block's MD5, or None."},
+    {"read_cached", read_cached, METH_VARARGS,
+     "read_cached(path, into, max_size): (size, md5 hex) of a small block read from the page cache, or None."},
     {"simd_lanes", simd_lanes, METH_NOARGS, "How many streams one instruction advances (8 with AVX2, else 1)."},
     {"set_simd", set_simd, METH_O, "Use the vector code if the CPU has it (True) or never (False)."},
     {NULL, NULL, 0, NULL},

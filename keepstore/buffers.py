@@ -129,12 +129,15 @@ class BufferPool:
     def would_wait(self) -> bool:
         return bool(self._waiters) or (not self._free and self._allocated >= self.max_buffers)
 
+    def try_acquire(self) -> Buffer | None:
+        """A buffer if one can be had without waiting, else None (then ``acquire``, which queues)."""
+        return self._take() if not self._waiters else None
+
     async def acquire(self) -> Buffer:
         """Return a buffer, waiting (cancellably, FIFO) while all are in use."""
-        if not self._waiters:
-            buf = self._take()
-            if buf is not None:
-                return buf
+        buf = self.try_acquire()
+        if buf is not None:
+            return buf
         fut: asyncio.Future[Buffer] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
         started = time.monotonic()

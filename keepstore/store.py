@@ -178,15 +178,20 @@ class Store:
 
         From a driver that keeps blocks in local files the result is the open, verified file (``into`` is used as
         scratch space, and holds the block too if it is at most ``keep_max`` bytes); otherwise the block is in
-        ``into``. The caller closes the result.
+        ``into``. A block of at most ``keep_max`` bytes that the driver has at hand (``Volume.read_cached``: a
+        small block in the page cache) is read and hashed in one step, into ``into``. The caller closes the result.
         """
         failure: KeepError | None = None
         corrupt = False
+        try_cached = keep_max > 0 and (size_hint is None or size_hint <= keep_max)
         for mnt in self.rendezvous(hash, self.readable):
             try:
-                local = await mnt.volume.block_open(hash)
-                kept = local is None  # the block ends up in ``into``
-                if local is None:
+                hit = mnt.volume.read_cached(hash, into, keep_max) if try_cached else None
+                local = None
+                kept = True  # the block ends up in ``into``
+                if hit is not None:
+                    size, digest = hit
+                elif (local := await mnt.volume.block_open(hash)) is None:
                     size = await mnt.volume.block_read(hash, into)
                     digest = await md5_hex(into[:size])
                 else:

@@ -435,9 +435,9 @@ class KeepHTTP:
         try:
             handler, match = self.router.match(call.request.method, path)
             limiter = self.service.limiter
-            if limiter.would_wait():
+            if not limiter.try_acquire():
                 call.exchange.pace_body(False)
-            await limiter.acquire(limiter.priority(call.request.headers))
+                await limiter.acquire(limiter.priority(call.request.headers))
             try:
                 return await self._timed(handler, call, match)
             finally:

@@ -64,7 +64,7 @@ async def read(call: Call, match: re.Match[str]) -> Reply | None:
     # read into the request's buffer while it is verified anyway: it is sent from there.
     transport = request.transport
     encrypted = transport is not None and transport.get_extra_info("sslcontext") is not None
-    buf = await svc.pool.acquire()
+    buf = svc.pool.try_acquire() or await svc.pool.acquire()  # (awaiting only when it must wait: a coroutine less)
     block: BlockData | None = None
     try:
         keep_max = 0 if head else BLOCK_SIZE if encrypted else SMALL_BODY

@@ -1,8 +1,8 @@
 """The storage driver interface.
 
 A volume stores blocks by hash and knows nothing of HTTP, signatures, placement or verification: those belong to
-``keepstore.store``. Every method is a coroutine; drivers with blocking I/O run it in their own executor so that one
-slow disk cannot stall the event loop or the other volumes.
+``keepstore.store``. Every method is a coroutine but ``read_cached``, which must not block; drivers with blocking
+I/O run it in their own executor so that one slow disk cannot stall the event loop or the other volumes.
 
 Invariants every driver must keep (``tests/contract`` checks them against each driver):
 
@@ -164,6 +164,15 @@ class Volume(ABC):
         Raises BlockNotFound if absent or trashed, TooLarge if the stored object exceeds ``len(into)``.
         No integrity check: the caller verifies.
         """
+
+    def read_cached(self, hash: str, into: memoryview, max_size: int) -> tuple[int, str] | None:
+        """The block in ``into`` and its MD5 hex, as ``(size, digest)``, if the driver has it at hand: it must not
+        block (the event loop calls it), so None whenever the answer would need a wait (data not in memory), the
+        block is larger than ``max_size`` or ``len(into)``, or anything else goes wrong (the caller then takes
+        ``block_open`` / ``block_read``, which report errors). Raises BlockNotFound if the block is certainly absent
+        or trashed. The digest is the data's, not a verdict: the caller compares it. This default never has it.
+        """
+        return None
 
     async def block_open(self, hash: str) -> LocalBlock | None:
         """Open the block as a local file if this driver stores blocks in local files, else return None.

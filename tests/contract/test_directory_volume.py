@@ -1497,3 +1497,70 @@ def test_touch_that_cannot_make_the_copy_durable_fails(root: Path, monkeypatch: 
         assert await read(vol, h) == b"stored"
 
     run(root, body)
+
+
+def test_read_cached_serves_small_blocks_from_the_page_cache(root: Path) -> None:
+    data = os.urandom(4096)
+    h = md5(data)
+
+    async def body(vol: DirectoryVolume) -> None:
+        await put(vol, data)  # a buffered write: its pages stay cached
+        buf = bytearray(1 << 20)
+        opens = vol.stats.ops.get("open", 0)
+        assert vol.read_cached(h, memoryview(buf), 1 << 20) == (4096, h)
+        assert bytes(buf[:4096]) == data
+        assert vol.stats.ops["open"] == opens + 1  # counted like any other open
+        place(root, b"written by Go")  # a file the volume did not write itself
+        assert vol.read_cached(md5(b"written by Go"), memoryview(buf), 1 << 20) == (13, md5(b"written by Go"))
+        big = os.urandom(directory.INLINE_READ_MAX + 1)
+        await put(vol, big)
+        assert vol.read_cached(md5(big), memoryview(buf), 1 << 20) is None  # above the inline limit: the thread path
+
+    run(root, body)
+
+
+def test_read_cached_leaves_uncached_data_to_the_threads(root: Path) -> None:
+    data = os.urandom(8192)
+    h = md5(data)
+
+    async def body(vol: DirectoryVolume) -> None:
+        await put(vol, data)
+        path = root / h[:3] / h
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # clean pages can be dropped
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        from keeptest import page_cache_residency
+
+        if page_cache_residency(path) > 0:
+            pytest.skip(f"the kernel kept {path} cached after POSIX_FADV_DONTNEED ({keeptest_fs(path)})")
+        assert vol.read_cached(h, memoryview(bytearray(1 << 20)), 1 << 20) is None  # it would have to wait
+        assert await read(vol, h) == data  # the general path reads it from the disk
+
+    run(root, body)
+
+
+def keeptest_fs(path: Path) -> str:
+    from keeptest import file_system_type
+
+    return file_system_type(path)
+
+
+def test_read_cached_of_odd_paths(root: Path) -> None:
+    async def body(vol: DirectoryVolume) -> None:
+        buf = memoryview(bytearray(1 << 20))
+        with pytest.raises(BlockNotFound):
+            vol.read_cached(md5(b"absent"), buf, 1 << 20)
+        h = md5(b"a directory where the block would be")
+        (root / h[:3] / h).mkdir(parents=True)
+        assert vol.read_cached(h, buf, 1 << 20) is None  # not a block: the general path says what it is
+        with pytest.raises(VolumeError):
+            await vol.block_read(h, buf)
+        f = md5(b"hash dir is a file")
+        (root / f[:3]).write_bytes(b"junk")
+        with pytest.raises(BlockNotFound):
+            vol.read_cached(f, buf, 1 << 20)
+
+    run(root, body)

@@ -58,10 +58,21 @@ async def index(vol: Volume, prefix: str = "") -> dict[str, IndexEntry]:
     return out
 
 
+def cached(vol: Volume, hash: str, size: int = 1 << 20, max_size: int = 1 << 20) -> tuple[int, str, bytes] | None:
+    """``read_cached`` with a fresh buffer: (size, digest, what the buffer then holds of the block), or None."""
+    buf = bytearray(size)
+    hit = vol.read_cached(hash, memoryview(buf), max_size)
+    return None if hit is None else (hit[0], hit[1], bytes(buf[: hit[0]]))
+
+
 async def assert_gone(vol: Volume, h: str) -> None:
     """Absent or trashed: every per-block operation says BlockNotFound, and the index does not list it."""
     with pytest.raises(BlockNotFound):
         await read(vol, h)
+    try:
+        assert vol.read_cached(h, memoryview(bytearray(1 << 20)), 1 << 20) is None  # no hit, at most "ask again"
+    except BlockNotFound:
+        pass
     with pytest.raises(BlockNotFound):
         await vol.mtime(h)
     with pytest.raises(BlockNotFound):
@@ -687,6 +698,25 @@ def test_stats_count_operations(volume_factory: VolumeFactory) -> None:
 
 # --- optional capabilities: local files (block_open) and streaming writes (block_writer) ---------------------------
 # A driver may return None for either; when it returns an object, these invariants hold.
+
+
+def test_read_cached_gives_the_block_and_its_digest_or_nothing(volume_factory: VolumeFactory) -> None:
+    async def body(vol: Volume) -> None:
+        for n in (0, 1, 100, 4096, 65536):
+            data = payload(n, n)
+            h = await put(vol, data)
+            hit = cached(vol, h)
+            assert hit is None or hit == (n, h, data), n
+            if n:
+                assert cached(vol, h, max_size=n - 1) is None  # larger than asked for
+                assert cached(vol, h, size=n - 1) is None  # larger than the buffer
+        bad = await put(vol, payload(1000, 3))
+        await volume_factory.corrupt(vol, bad)
+        hit = cached(vol, bad)
+        # The digest is the stored data's, not the name's: the caller is the one who compares them.
+        assert hit is None or (hit[1] == md5(hit[2]) != bad)
+
+    volume_factory.run(body)
 
 
 def test_block_open_digest_and_stability(volume_factory: VolumeFactory) -> None:
