@@ -2,13 +2,13 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml setup.py keepstore/_md5mb.c keepstore/_fileio.c | md5sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml setup.py keepstore/_md5mb.c keepstore/_fileio.c keepstore/_reqparse.c | md5sum | cut -c1-12)
 
 .PHONY: run test lint unit venv clean bench
 
 venv: $(STAMP)
 
-$(STAMP): requirements.lock pyproject.toml setup.py keepstore/_md5mb.c keepstore/_fileio.c
+$(STAMP): requirements.lock pyproject.toml setup.py keepstore/_md5mb.c keepstore/_fileio.c keepstore/_reqparse.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.lock
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .

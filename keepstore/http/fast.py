@@ -3,8 +3,8 @@
 A 4 KiB GET costs aiohttp ~100 us of Python before and after the handler (a request object, a handler task, a
 response object and its header serialisation): as much as everything keepstore itself does for the request, and the
 reason small GETs were stuck at a fifth of nginx's rate. So the connection handler
-(:class:`keepstore.http.protocol.KeepRequestHandler`) still parses every request with aiohttp's parser (llhttp),
-but hands a request that is
+(:class:`keepstore.http.protocol.KeepRequestHandler`) parses each request (with keepstore/_reqparse.c where it is
+one whole simple request in one read, else with aiohttp's parser, llhttp) and hands a request that is
 
 * ``GET`` or ``HEAD`` of a path that can only route to a block read (``/<32 hex>...`` or ``//<32 hex>...``),
   without a body, or ``PUT /<32 hex>...`` whose whole body arrived with its headers (no ``Expect``),
@@ -23,6 +23,7 @@ The response matches what aiohttp would send for the same reply: the same status
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Mapping
 from http import HTTPStatus
@@ -40,7 +41,9 @@ from .app import CORS_HEADERS, Call, Exchange, Reply
 if TYPE_CHECKING:
     from .protocol import KeepRequestHandler
 
-_HEX = frozenset(b"0123456789abcdef")
+# (Matched at the start of the path: the router judges the rest.)
+_PUT_PATH = re.compile(r"/[0-9a-f]{32}")
+_GET_PATH = re.compile(r"//?[0-9a-f]{32}")
 WRITE_HIGH_WATER = 1 << 20  # wait for the client to read when more than this is queued in the transport
 
 
@@ -49,23 +52,20 @@ def qualifies(message: RawRequestMessage, payload: StreamReader) -> bool:
     method = message.method
     if message.should_close or message.upgrade or message.chunked or message.version != (1, 1):
         return False
-    path = message.path.encode("latin-1", "replace")
+    if not is_block_path(method, message.path):
+        return False
     if method == "PUT":
         # A block write whose whole body has arrived with its headers (small blocks: one read from the socket).
         # Bodies still on their way, and anything asking for 100-continue, go through aiohttp.
-        return (
-            len(path) >= 33
-            and _HEX.issuperset(path[1:33])
-            and "Expect" not in message.headers
-            and payload.is_eof()
-            and payload.exception() is None
-        )
-    if method not in ("GET", "HEAD"):
-        return False
-    start = 2 if path.startswith(b"//") else 1
-    if len(path) < start + 32 or not _HEX.issuperset(path[start : start + 32]):
-        return False
+        return "Expect" not in message.headers and payload.is_eof() and payload.exception() is None
     return payload is EMPTY_PAYLOAD
+
+
+def is_block_path(method: str, path: str) -> bool:
+    """Whether ``method`` and ``path`` can only route to a block read (GET, HEAD) or write (PUT)."""
+    if method == "PUT":
+        return _PUT_PATH.match(path) is not None
+    return (method == "GET" or method == "HEAD") and _GET_PATH.match(path) is not None
 
 
 class FastRequest:
@@ -73,13 +73,27 @@ class FastRequest:
 
     __slots__ = ("_cookies", "content", "headers", "method", "raw_path", "transport")
 
-    def __init__(self, message: RawRequestMessage, payload: StreamReader, transport: asyncio.Transport | None) -> None:
-        self.method: str = message.method
-        self.raw_path: str = message.path
-        self.headers: CIMultiDictProxy[str] = message.headers
+    def __init__(
+        self,
+        method: str,
+        raw_path: str,
+        headers: CIMultiDictProxy[str],
+        payload: StreamReader,
+        transport: asyncio.Transport | None,
+    ) -> None:
+        self.method = method
+        self.raw_path = raw_path
+        self.headers = headers
         self.content = payload
         self.transport = transport
         self._cookies: Mapping[str, str] | None = None
+
+    @classmethod
+    def parsed(
+        cls, message: RawRequestMessage, payload: StreamReader, transport: asyncio.Transport | None
+    ) -> FastRequest:
+        """The request as aiohttp's parser (llhttp) gave it."""
+        return cls(message.method, message.path, message.headers, payload, transport)
 
     @property
     def host(self) -> str:
@@ -112,10 +126,10 @@ class FastRequest:
 class FastExchange(Exchange):
     """Writes a response straight to the connection's transport."""
 
-    def __init__(self, protocol: KeepRequestHandler, message: RawRequestMessage, payload: StreamReader) -> None:
+    def __init__(self, protocol: KeepRequestHandler, request: FastRequest) -> None:
         self.protocol = protocol
-        self.request = FastRequest(message, payload, protocol.transport)
-        self._head_only = message.method == "HEAD"
+        self.request = request
+        self._head_only = request.method == "HEAD"
 
     async def reply(self, call: Call, reply: Reply) -> None:
         body = b"" if self._head_only else reply.body

@@ -10,11 +10,15 @@ the same bytes again. Only connections that actually send ``TOUCH`` (an admin op
 parser; GET and PUT traffic never does. ``bench/parser.py`` measures both paths.
 
 The same connection handler also takes simple block reads past aiohttp's request machinery (keepstore.http.fast):
-it parses as aiohttp does and, for a request that qualifies, runs the pipeline itself instead of queueing the
-message for aiohttp's per-connection loop. Ordering is kept: a request is taken this way only while that loop is idle
-with nothing queued, and anything that arrives meanwhile is queued for the loop, which is woken when the fast
-request is done. This relies on aiohttp's RequestHandler internals (pinned in requirements.lock); if they are not
-what this module expects, the fast path turns itself off with a warning and aiohttp serves everything.
+for a request that qualifies it runs the pipeline itself instead of queueing the message for aiohttp's
+per-connection loop. A chunk that holds one whole simple request is parsed by keepstore/_reqparse.c, which accepts
+only what llhttp would parse the same way (tests/unit/test_reqparse.py holds it to that); anything else is parsed
+by llhttp as before, and once llhttp has had a chunk that was not a whole request, so is everything after it on
+that connection (only llhttp knows where its partial request ends). Ordering is kept: a request is taken this way
+only while that loop is idle with nothing queued, and anything that arrives meanwhile is queued for the loop, which
+is woken when the fast request is done. This relies on aiohttp's RequestHandler internals (pinned in
+requirements.lock); if they are not what this module expects, the fast path turns itself off with a warning and
+aiohttp serves everything.
 """
 
 from __future__ import annotations
@@ -29,8 +33,15 @@ from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError
 from aiohttp.http_parser import HttpRequestParserPy, RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
+from multidict import CIMultiDict, CIMultiDictProxy
 
-from .fast import FastExchange, qualifies
+from .fast import FastExchange, FastRequest, is_block_path, qualifies
+
+_parse_simple: Callable[[bytes], tuple[str, str, list[tuple[str, str]], int] | None] | None
+try:
+    from .._reqparse import parse as _parse_simple
+except ImportError:  # pragma: no cover - built by every supported install path; llhttp parses everything then
+    _parse_simple = None
 
 log = logging.getLogger("keepstore.http")
 
@@ -39,7 +50,7 @@ FastServe = Callable[[FastExchange], Awaitable[object]]
 # What the fast path touches of aiohttp's RequestHandler (checked on the first connection).
 _INTERNALS = (
     "_messages _waiter _force_close _close _payload_parser _upgraded _request_count _parser _keepalive_handle "
-    "_keepalive_timeout _next_keepalive_close_time _max_msg_queue_size _buffer_paused _message_tail _loop"
+    "_keepalive_timeout _next_keepalive_close_time _max_msg_queue_size _buffer_paused _message_tail _loop _read_bufsize"
 ).split()
 _METHODS = ("_pause_reading_for_buffer", "_process_keepalive", "_drain_helper")
 
@@ -106,6 +117,9 @@ class KeepRequestHandler(RequestHandler):
         self._fast_serve: FastServe | None = getattr(manager, "fast", None) if _fast_path_usable(self) else None
         self._fast_task: asyncio.Task[None] | None = None
         self.force_close_after = False  # set by the fast path's exchange: close once its response is out
+        # Whether llhttp may hold part of a request (it has been fed a chunk that was not one whole simple request):
+        # from then on every chunk goes to it, since only it knows where its requests end.
+        self._llhttp_midway = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -144,24 +158,54 @@ class KeepRequestHandler(RequestHandler):
             or self._payload_parser is not None
             or self._upgraded
         ):
+            self._llhttp_midway = True
             super().data_received(data)
             return
         if self._fast_task is not None:
+            self._llhttp_midway = True
             self._queue(*self._parse(data), wake=False)  # behind the fast request, in order
             return
         waiter = self._waiter
         if self._messages or waiter is None or waiter.done():
+            self._llhttp_midway = True
             super().data_received(data)  # aiohttp's loop is busy: this request is ordered behind its work
             return
+        if not self._llhttp_midway and _parse_simple is not None:
+            # One whole simple request in this chunk (keepstore/_reqparse.c): a block request is served without
+            # llhttp and the objects aiohttp builds around it (~5 us of a 4 KiB GET's ~55); any other such request
+            # still leaves llhttp at a request boundary.
+            simple = _parse_simple(data)
+            if simple is not None:
+                request = self._simple_request(data, *simple)
+                if request is not None:
+                    self._request_count += 1
+                    self._start_fast(serve, request)
+                    return
+            else:
+                self._llhttp_midway = True
         messages, upgraded, tail = self._parse(data)
         if len(messages) == 1 and not upgraded:
             message, payload = messages[0]
             if isinstance(message, RawRequestMessage) and qualifies(message, payload):
                 self._request_count += 1
                 self._parser.message_consumed()
-                self._start_fast(serve, message, payload)
+                self._start_fast(serve, FastRequest.parsed(message, payload, self.transport))
                 return
         self._queue(messages, upgraded, tail, wake=True)
+
+    def _simple_request(
+        self, data: bytes, method: str, target: str, headers: list[tuple[str, str]], body_at: int
+    ) -> FastRequest | None:
+        """The fast path's request for what ``_reqparse.parse`` found, if it is a block request."""
+        if not is_block_path(method, target):
+            return None
+        payload: StreamReader = EMPTY_PAYLOAD
+        if method == "PUT" and body_at < len(data):
+            # As llhttp's parser would have left it: the whole body fed, then its end (an empty one: no reader).
+            payload = StreamReader(self, self._read_bufsize, loop=self._loop)
+            payload.feed_data(data[body_at:])
+            payload.feed_eof()
+        return FastRequest(method, target, CIMultiDictProxy(CIMultiDict(headers)), payload, self.transport)
 
     def _parse(self, data: bytes) -> tuple[list[Any], bool, bytes]:
         assert self._parser is not None
@@ -185,11 +229,11 @@ class KeepRequestHandler(RequestHandler):
         if upgraded and tail:
             self._message_tail = tail
 
-    def _start_fast(self, serve: FastServe, message: RawRequestMessage, payload: StreamReader) -> None:
+    def _start_fast(self, serve: FastServe, request: FastRequest) -> None:
         # The keep-alive timer stays as it is (cancelling and re-arming it cost a timer per request): should it
         # fire while the request runs, _process_keepalive sees the request and looks again later.
         self.force_close_after = False
-        exchange = FastExchange(self, message, payload)
+        exchange = FastExchange(self, request)
         coro = self._run_fast(serve, exchange)
         # Run the request right here up to its first real wait, as Python 3.12's eager tasks do: a small cached GET
         # usually finishes without one, and then costs no task and no extra turn of the event loop. Only if it

@@ -382,3 +382,57 @@ def test_many_small_puts_on_one_connection(server: KeepServer) -> None:
     finally:
         c.close()
     assert sorted(server.index_hashes()) == sorted(md5(b) for b in blocks)
+
+
+def test_a_request_split_across_reads_is_one_request(server: KeepServer) -> None:
+    # The second part alone looks like a whole GET; the server must read both parts as the one request they are.
+    # (keepstore/_reqparse.c parses only chunks that are whole requests; a part goes to llhttp, which then gets
+    # everything on the connection.)
+    first, second = os.urandom(100), os.urandom(200)
+    loc1, loc2 = server.put(first).text.strip(), server.put(second).text.strip()
+    c = Conn(server.port)
+    try:
+        c.send(f"GET /{loc1} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {USER_TOKEN}\r\nX-Note: ".encode())
+        time.sleep(0.3)  # its own read on the server
+        c.send(f"GET /{loc2} HTTP/1.1\r\n\r\n".encode())
+        assert c.response()[::2] == (200, first)
+        for _ in range(3):  # and the connection goes on serving whole requests
+            c.send(request("GET", f"/{loc2}"))
+            assert c.response()[::2] == (200, second)
+    finally:
+        c.close()
+
+
+def test_requests_aiohttp_would_refuse_are_refused_alike(server: KeepServer) -> None:
+    data = b"judged by llhttp"
+    loc = server.put(data).text.strip()
+    auth = f"Authorization: Bearer {USER_TOKEN}\r\n"
+    cases = {
+        f"GET /{loc} HTTP/1.1\r\n{auth}\r\n": 400,  # no Host
+        f"GET /{loc} HTTP/1.1\r\nHost: a\r\nHost: b\r\n{auth}\r\n": 400,
+        f"GET /{loc} HTTP/1.1\r\nHost : a\r\n{auth}\r\n": 400,
+        f"GET /{loc} HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n{auth}\r\nhello": 200,  # body read and ignored
+        f"GET /{loc} HTTP/1.1\r\nHost: a\r\nConnection: keep-alive\r\n{auth}\r\n": 200,
+    }
+    for raw, status in cases.items():
+        got = one(server.port, raw.encode())
+        assert got[0] == status, raw
+        if status == 200:
+            assert got[2] == data, raw
+
+
+def test_keep_alive_header_and_small_puts_take_the_fast_path(server: KeepServer) -> None:
+    loc = server.put(b"native").text.strip()
+    before = fast_count(server)
+    c = Conn(server.port)
+    try:
+        for i in range(5):
+            c.send(request("GET", f"/{loc}", Connection="keep-alive"))
+            assert c.response()[::2] == (200, b"native")
+            body = f"small put {i}".encode()
+            c.send(put_request(body))
+            status, _, reply = c.response()
+            assert (status, reply.decode().split("+")[0]) == (200, md5(body))
+    finally:
+        c.close()
+    assert fast_count(server) - before == 10

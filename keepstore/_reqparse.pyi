@@ -1,0 +1,3 @@
+# Types of the C extension keepstore/_reqparse.c (see its header comment).
+
+def parse(data: bytes, /) -> tuple[str, str, list[tuple[str, str]], int] | None: ...
