@@ -158,22 +158,23 @@ class KeepRequestHandler(RequestHandler):
             or self._payload_parser is not None
             or self._upgraded
         ):
-            self._llhttp_midway = True
+            self._llhttp_midway |= bool(data)
             super().data_received(data)
             return
         if self._fast_task is not None:
-            self._llhttp_midway = True
+            self._llhttp_midway |= bool(data)
             self._queue(*self._parse(data), wake=False)  # behind the fast request, in order
             return
         waiter = self._waiter
         if self._messages or waiter is None or waiter.done():
-            self._llhttp_midway = True
+            self._llhttp_midway |= bool(data)
             super().data_received(data)  # aiohttp's loop is busy: this request is ordered behind its work
             return
-        if not self._llhttp_midway and _parse_simple is not None:
+        if data and not self._llhttp_midway and _parse_simple is not None:
             # One whole simple request in this chunk (keepstore/_reqparse.c): a block request is served without
             # llhttp and the objects aiohttp builds around it (~5 us of a 4 KiB GET's ~55); any other such request
-            # still leaves llhttp at a request boundary.
+            # still leaves llhttp at a request boundary. (Empty data is aiohttp resuming its own parser after a
+            # pause: it changes nothing of what llhttp holds.)
             simple = _parse_simple(data)
             if simple is not None:
                 request = self._simple_request(data, *simple)

@@ -172,3 +172,80 @@ def test_mutations_never_make_it_disagree_with_llhttp() -> None:
             accepted += 1
         agrees(raw)
     assert accepted > 300  # the mutations reach accepted requests too, not only rejections
+
+
+class _Transport(asyncio.Transport):
+    """Enough of a socket transport for a connection handler that is fed by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.max_size = 65536
+
+    def write(self, data: Any) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": ("127.0.0.1", 1), "sockname": ("127.0.0.1", 2)}.get(name, default)
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_connection_handler_parses_natively_until_llhttp_holds_a_partial_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from keepstore.http import protocol
+
+    native: list[bool] = []
+    real = protocol._parse_simple
+    assert real is not None
+
+    def counting(data: bytes) -> Any:
+        result = real(data)
+        native.append(result is not None)
+        return result
+
+    monkeypatch.setattr(protocol, "_parse_simple", counting)
+
+    async def main() -> list[tuple[str, str]]:
+        served: list[tuple[str, str]] = []
+
+        async def fast(exchange: Any) -> None:
+            served.append((exchange.request.method, exchange.request.raw_path))
+
+        async def handler(request: Any) -> Any:
+            raise AssertionError("nothing here should reach aiohttp's handler")
+
+        server = protocol.KeepServer(handler, fast=fast)
+        conn = server()
+        conn.connection_made(_Transport())
+        await asyncio.sleep(0)  # aiohttp's per-connection loop starts and waits for a request
+        conn.data_received(GET)
+        conn.data_received(b"")  # aiohttp resuming its parser: not a partial request
+        conn.data_received(GET.replace(b"GET", b"HEAD"))
+        conn.data_received(GET[:40])  # a partial request: llhttp holds it from here on
+        conn.data_received(GET[40:])
+        await asyncio.sleep(0)
+        conn.data_received(GET)
+        await asyncio.sleep(0)
+        conn.connection_lost(None)
+        await asyncio.sleep(0)
+        return served
+
+    served = asyncio.run(main())
+    assert served == [("GET", GET.split()[1].decode()), ("HEAD", GET.split()[1].decode())] + [
+        ("GET", GET.split()[1].decode())
+    ] * 2
+    assert native == [True, True, False]  # the two whole requests, then the part; llhttp alone after that
