@@ -87,6 +87,9 @@ def test_simple_requests_are_parsed_as_llhttp_parses_them() -> None:
         GET.replace(b"\r\n\r\n", b"\r\nCookie: arvados_api_token=dG9r; x=y\r\n\r\n"),
         GET.replace(b"+3+A", b"?api_token=x&y=%20z+3+A"),
         PUT.replace(b"Content-Length: 3", b"Content-Length: 0")[:-3],
+        PUT.replace(b"Content-Length: 3", b"Content-Length: 003"),
+        GET.replace(b"Host: 127.0.0.1:25107", b"Host:"),  # present, if empty
+        GET.replace(b"Authorization: Bearer tok", b"Authorization:Bearer tok"),
     ]
     for data in odd_but_fine:
         assert reqparse.parse(data) is not None, data
