@@ -66,7 +66,7 @@ class ThreadPool:
             raise ValueError("max_threads must be at least 1")
         self._max = max_threads
         self._name = name
-        self._queue: queue.SimpleQueue[_PoolJob[Any] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()  # jobs (a batching pool: lists of them), None
         self._threads: list[threading.Thread] = []
         self._in_flight = 0
         self._closed = False
@@ -81,7 +81,7 @@ class ThreadPool:
             thread = threading.Thread(target=self._work, name=f"{self._name}_{len(self._threads)}", daemon=True)
             thread.start()
             self._threads.append(thread)
-        self._queue.put(job)
+        self._enqueue(job, loop)
         try:
             return await job.future
         except asyncio.CancelledError:
@@ -98,8 +98,12 @@ class ThreadPool:
             # completed, or job.finished set, only by _finished, which the thread schedules after the job.
             self._in_flight -= 1
 
+    def _enqueue(self, job: _PoolJob[Any], loop: asyncio.AbstractEventLoop) -> None:
+        self._queue.put(job)
+
     async def shutdown(self) -> None:
         """Let queued jobs finish, then stop the threads."""
+        self._flush()
         self._closed = True
         threads, self._threads = self._threads, []
         for _ in threads:
@@ -111,6 +115,9 @@ class ThreadPool:
 
         if threads:
             await asyncio.get_running_loop().run_in_executor(None, join)
+
+    def _flush(self) -> None:
+        """Hand over jobs held back for the end of the loop's turn (BatchingThreadPool)."""
 
     def _work(self) -> None:
         get = self._queue.get
@@ -131,8 +138,12 @@ class BatchingThreadPool(ThreadPool):
 
     ``batch(jobs)`` gets the argument tuples of the jobs, in submission order, and returns one entry per job: its
     value, or a BaseException instance to raise from that job's ``run``. While a batch runs, new jobs queue up and
-    form the next one, so batches grow with the load by themselves and a lone job never waits for company. ``run``
-    keeps ThreadPool's contract (``fn`` is not used): it returns, even when cancelled, only once its batch is done.
+    form the next one, so batches grow with the load by themselves and a lone job never waits for company. Jobs
+    submitted during one turn of the event loop reach the threads together, at the end of that turn: a burst of
+    requests that arrived with one wake-up of the loop then forms one batch, where the thread, woken by the first,
+    would have taken it alone and left the rest for a second batch (for group commit: a second fdatasync). Nothing
+    waits beyond the turn under way, and no timer is involved. ``run`` keeps ThreadPool's contract (``fn`` is not
+    used): it returns, even when cancelled, only once its batch is done.
     """
 
     def __init__(
@@ -141,6 +152,17 @@ class BatchingThreadPool(ThreadPool):
         super().__init__(max_threads, name)
         self._batch = batch
         self._max_batch = max_batch
+        self._held: list[_PoolJob[Any]] = []  # submitted this turn of the loop, handed over by _flush at its end
+
+    def _enqueue(self, job: _PoolJob[Any], loop: asyncio.AbstractEventLoop) -> None:
+        if not self._held:
+            loop.call_soon(self._flush)
+        self._held.append(job)
+
+    def _flush(self) -> None:
+        held, self._held = self._held, []
+        for start in range(0, len(held), self._max_batch):
+            self._queue.put(held[start : start + self._max_batch])
 
     async def submit(self, *args: Any) -> Any:
         """Queue one job with these arguments; its entry in the batch's results."""
@@ -149,17 +171,27 @@ class BatchingThreadPool(ThreadPool):
     def _work(self) -> None:
         get, get_nowait = self._queue.get, self._queue.get_nowait
         stop = False
-        while not stop and (job := get()) is not None:
-            jobs = [job]
-            while len(jobs) < self._max_batch:
+        carry: list[_PoolJob[Any]] = []  # what did not fit in the last batch: the start of the next
+        while carry or not stop:
+            if carry:
+                jobs, carry = carry, []
+            elif (first := get()) is None:
+                break
+            else:
+                jobs, first = first, None
+            while not stop and len(jobs) < self._max_batch:
                 try:
                     more = get_nowait()
                 except queue.Empty:
                     break
-                if more is None:  # shutdown: this thread's stop mark; finish the batch first
+                if more is None:  # shutdown: this thread's stop mark; finish what it has first
                     stop = True
                     break
-                jobs.append(more)
+                room = self._max_batch - len(jobs)
+                jobs.extend(more[:room])
+                carry = more[room:]
+                if carry:
+                    break
             try:
                 results = self._batch([j.args for j in jobs])
                 if len(results) != len(jobs):
@@ -177,7 +209,7 @@ class BatchingThreadPool(ThreadPool):
                     loop.call_soon_threadsafe(_finished_all, done)
                 except RuntimeError:
                     pass  # the loop is closed: nobody waits for these jobs any more
-            del job, jobs, results, by_loop
+            del jobs, results, by_loop
 
 
 def _in_batch(*args: Any) -> Any:

@@ -272,3 +272,38 @@ def test_cancelled_batched_job_returns_only_once_its_batch_is_done() -> None:
         await pool.shutdown()
 
     asyncio.run(main())
+
+
+def test_jobs_submitted_in_one_turn_of_the_loop_form_one_batch() -> None:
+    batches: list[list[tuple[object, ...]]] = []
+
+    def record(jobs: list[tuple[object, ...]]) -> list[object]:
+        batches.append(jobs)
+        return [job[0] for job in jobs]
+
+    async def main() -> None:
+        pool = BatchingThreadPool(record, 1, "b", max_batch=3)
+        # Five submissions in one turn: handed to the idle thread together at its end (in batches of at most 3),
+        # not the first alone while the others are still being submitted.
+        assert await asyncio.gather(*(pool.submit(i) for i in range(5))) == list(range(5))
+        assert await pool.submit("later") == "later"
+        await pool.shutdown()
+
+    asyncio.run(main())
+    assert batches == [[(0,), (1,), (2,)], [(3,), (4,)], [("later",)]]
+
+
+def test_shutdown_runs_jobs_held_for_the_end_of_the_turn() -> None:
+    async def main() -> None:
+        pool = BatchingThreadPool(lambda jobs: [job[0] * 2 for job in jobs], 1, "b")
+        first = asyncio.ensure_future(pool.submit(1))
+        await asyncio.sleep(0)  # the job is submitted, the thread started, the hand-over still to come
+        second = asyncio.ensure_future(pool.submit(2))
+        await asyncio.sleep(0)
+        assert pool._held  # (what this test is about: a job not yet handed over when shutdown starts)
+        await pool.shutdown()
+        assert (await first, await second) == (2, 4)
+        with pytest.raises(RuntimeError):
+            await pool.submit(3)
+
+    asyncio.run(main())
