@@ -8,7 +8,8 @@ on a fresh directory volume (under bench/.work-ab). The figures of one cell swin
 the neighbours on a shared machine (see docs/benchmarks.md, "The file system"), so only rounds run side by side
 compare, and CPU per request (user and system time of the keepstore processes) says more than throughput; the
 "stolen" column shows when the hypervisor took the machine away. A tree is a worktree with its C extensions built in
-place (``python setup.py build_ext --inplace``); ``.`` is this one. No cell deletes anything (on ext4 without a
+place (``python setup.py build_ext --inplace``), all of them: the editable install's finder fills in a missing one
+from this checkout without a word; ``.`` is this one. No cell deletes anything (on ext4 without a
 journal, file creation is slow for minutes after a mass deletion, which would penalise the next cell): the files of
 the whole run are removed at its end, so give the file system a few minutes before the next run."""
 
