@@ -17,6 +17,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from keeptest import file_system_type, page_cache_residency
 
 from keepstore.config import ConfigError, VolumeSpec
 from keepstore.errors import BlockNotFound, TooLarge, VolumeError, VolumeFull
@@ -1532,20 +1533,12 @@ def test_read_cached_leaves_uncached_data_to_the_threads(root: Path) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
-        from keeptest import page_cache_residency
-
         if page_cache_residency(path) > 0:
-            pytest.skip(f"the kernel kept {path} cached after POSIX_FADV_DONTNEED ({keeptest_fs(path)})")
+            pytest.skip(f"the kernel kept {path} cached after POSIX_FADV_DONTNEED ({file_system_type(path)})")
         assert vol.read_cached(h, memoryview(bytearray(1 << 20)), 1 << 20) is None  # it would have to wait
         assert await read(vol, h) == data  # the general path reads it from the disk
 
     run(root, body)
-
-
-def keeptest_fs(path: Path) -> str:
-    from keeptest import file_system_type
-
-    return file_system_type(path)
 
 
 def test_read_cached_of_odd_paths(root: Path) -> None:
