@@ -40,9 +40,6 @@ class RequestLimiter:
             counts["high" if -w.key[0] > 0 else "normal"] += 1
         return counts
 
-    def would_wait(self) -> bool:
-        return 0 < self.max_concurrent <= self.active or bool(self._queue)
-
     def try_acquire(self) -> bool:
         """Take a slot if one is free and nobody is queued (no wait, no coroutine: the common case)."""
         if self.max_concurrent <= 0 or (self.active < self.max_concurrent and not self._queue):
